@@ -1,0 +1,107 @@
+"""The ``diffalign`` command: a thin dispatcher onto library functions.
+
+Each command is a dataclass (its fields are the flags, their docstrings the help text) and a
+function taking it; tyro builds the parser, so defaults and help cannot drift from the code.
+Commands with two words (``diffalign nav1d optimum``) are looked up by both words.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["COMMANDS", "main"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One CLI command: where its config class and entry function live."""
+
+    summary: str
+    load: Callable[[], tuple[type, Callable]]
+
+
+def _toy():
+    from .toy import ToyConfig, run_toy
+
+    def main(cfg: ToyConfig) -> None:
+        res = run_toy(cfg)
+        print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=2))
+        print(f"wrote {cfg.out}/data.npy, samples.npy, paths.png, toy.json")
+
+    return ToyConfig, main
+
+
+def _nav1d_optimum():
+    from .commands.nav1d import OptimumArgs, optimum_main
+
+    return OptimumArgs, optimum_main
+
+
+def _data_nav1d():
+    from .commands.nav1d import DataNav1DArgs, data_nav1d_main
+
+    return DataNav1DArgs, data_nav1d_main
+
+
+COMMANDS: dict[str, Command] = {
+    "toy": Command("train the 2-D toy with one process; samples, paths, energy distance", _toy),
+    "nav1d optimum": Command("the Nav1D optimum by dynamic programming (and random return)",
+                             _nav1d_optimum),
+    "data nav1d": Command("write a Nav1D dataset (partial/full/expert) as HDF5 or Minari",
+                          _data_nav1d),
+}
+
+#: Exceptions that are the user's input being wrong: reported in one line, exit code 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError,
+                                                 FileExistsError, KeyError)
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: diffalign COMMAND [--help] [OPTIONS]", "", "commands:"]
+    lines += [f"  {n.ljust(width)}  {c.summary}" for n, c in COMMANDS.items()]
+    lines += ["", "Run `diffalign COMMAND --help` for the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``diffalign`` console script; returns the exit code."""
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name = None
+    if len(argv) >= 2 and f"{argv[0]} {argv[1]}" in COMMANDS:
+        name, rest = f"{argv[0]} {argv[1]}", argv[2:]
+    elif argv[0] in COMMANDS:
+        name, rest = argv[0], argv[1:]
+    if name is None:
+        groups = sorted({n.split()[0] for n in COMMANDS})
+        print(f"diffalign: unknown command {' '.join(argv[:2])!r}; commands: "
+              f"{', '.join(COMMANDS)} (groups: {', '.join(groups)})", file=sys.stderr)
+        return 2
+    cfg_cls, fn = COMMANDS[name].load()
+    try:
+        try:
+            cfg = tyro.cli(cfg_cls, args=rest, prog=f"diffalign {name}",
+                           description=COMMANDS[name].summary)
+        except SystemExit as e:  # --help (0) or a parse/validation error tyro reported (2)
+            return int(e.code or 0)
+        fn(cfg)
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"diffalign {name}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"diffalign {name}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

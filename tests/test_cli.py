@@ -1,0 +1,48 @@
+"""The ``diffalign`` command: dispatch, help, and bad input (clear message, exit 2)."""
+
+import json
+import subprocess
+import sys
+
+from diffalign.cli import COMMANDS, main
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+
+
+def test_unknown_command_exits_2(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "frobnicate" in capsys.readouterr().err
+
+
+def test_toy_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "toy"
+    rc = main(["toy", "--process", "fm", "--out", str(out), "--train-steps", "50",
+               "--n-samples", "200", "--n-paths", "5", "--n-data", "500"])
+    assert rc == 0
+    assert {p.name for p in out.iterdir()} == {"data.npy", "samples.npy", "paths.png",
+                                               "toy.json"}
+    assert json.loads((out / "toy.json").read_text())["process"] == "fm"
+
+
+def test_bad_value_names_it_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "toy"
+    assert main(["toy", "--out", str(out), "--train-steps", "0"]) == 2
+    assert "train_steps=0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_console_script_runs():
+    res = subprocess.run([sys.executable, "-m", "diffalign.cli", "--help"],
+                         capture_output=True, text=True, check=True)
+    assert "toy" in res.stdout
+
+
+def test_nav1d_optimum_json(capsys):
+    assert main(["nav1d", "optimum", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["optimal_return"] > res["random_return"] > 0
