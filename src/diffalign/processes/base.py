@@ -157,6 +157,10 @@ class DiffusionProcess(ABC):
         """Training times ``(B,)`` drawn from the process's training distribution."""
 
     @abstractmethod
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio of ``x_t`` at per-sample times ``(B,)`` (for loss weighting)."""
+
+    @abstractmethod
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """What the network is trained to output at ``x_t`` (ε, x0, v or velocity)."""
 

@@ -58,6 +58,11 @@ class DDPM(DiffusionProcess):
         a = a.to(device=like.device, dtype=like.dtype)
         return a.view(-1, 1, 1) if a.dim() == 1 else a
 
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio ᾱ / (1 − ᾱ) at per-sample times ``(B,)``."""
+        a = self.abar(t, t.float()).view(-1)
+        return a / (1 - a).clamp_min(1e-12)
+
     # ----- forward process ------------------------------------------------------------
     def add_noise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         a = self.abar(t, x0)

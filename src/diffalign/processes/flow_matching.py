@@ -47,6 +47,11 @@ class FlowMatching(DiffusionProcess):
         """The same process with another sampler (e.g. "sde" for RL fine-tuning)."""
         return FlowMatching(sampler, self.noise_level, self.default_steps)
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio ((1 − t) / t)² at per-sample times ``(B,)``."""
+        t = t.float()
+        return ((1 - t) / t.clamp_min(1e-6)) ** 2
+
     def add_noise(self, x0, t, noise):
         t = t.to(x0).view(-1, 1, 1) if isinstance(t, torch.Tensor) else float(t)
         return (1 - t) * x0 + t * noise

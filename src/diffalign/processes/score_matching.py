@@ -62,6 +62,11 @@ class ScoreMatching(DiffusionProcess):
         return torch.tensor(math.exp(self.log_abar(float(t))), dtype=like.dtype,
                             device=like.device)
 
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio ᾱ / (1 − ᾱ) at per-sample times ``(B,)``."""
+        a = torch.exp(self.log_abar(t.float()))
+        return a / (1 - a).clamp_min(1e-12)
+
     def add_noise(self, x0, t, noise):
         a = self._abar(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise

@@ -1,0 +1,1 @@
+"""Training utilities: checkpoints, the trainer loop, EMA, logging."""
