@@ -1,0 +1,122 @@
+"""One LoRA adapter (peft) on a denoiser: the frozen base is the reference model.
+
+``add_lora(net)`` injects low-rank adapters into every ``nn.Linear`` and ``nn.Conv1d`` of the
+backbone (the backbones use no ConvTranspose, which peft cannot wrap) and freezes the rest.
+The reference model is the same network with the adapter switched off
+(:func:`reference`), so no second copy of the weights is needed. Adapters are saved as
+``adapter_model.safetensors`` + ``adapter_config.json`` beside the reference checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..atomic import write_json
+from ..train.checkpoint import CheckpointError, load_tensors, save_tensors
+
+__all__ = ["add_lora", "is_lora", "load_adapter", "lora_parameters", "lora_target_modules",
+           "merge_lora", "reference", "save_adapter"]
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def lora_target_modules(net: nn.Module) -> list[str]:
+    """Qualified names of the Linear and Conv1d layers of ``net`` (what LoRA wraps)."""
+    return [name for name, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d))]
+
+
+def add_lora(net: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+             targets: list[str] | None = None) -> nn.Module:
+    """Wrap ``net`` with a fresh LoRA adapter; only adapter parameters stay trainable.
+
+    The adapter's B matrices start at zero, so the wrapped net equals ``net`` at first.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if r < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got r={r}")
+    targets = targets if targets is not None else lora_target_modules(net)
+    if not targets:
+        raise ValueError(f"{type(net).__name__} has no Linear/Conv1d layer for LoRA")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                     bias="none")
+    return get_peft_model(net, cfg)
+
+
+def is_lora(net: nn.Module) -> bool:
+    """Whether ``net`` carries a peft adapter."""
+    return hasattr(net, "peft_config")
+
+
+def lora_parameters(net: nn.Module) -> list[nn.Parameter]:
+    """The trainable adapter parameters."""
+    return [p for n, p in net.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+@contextlib.contextmanager
+def reference(net: nn.Module):
+    """Inside this context ``net`` computes the frozen reference (adapter disabled).
+
+    Use under ``torch.no_grad()``: the reference never receives gradients.
+    """
+    if not is_lora(net):
+        yield net
+        return
+    with net.disable_adapter():
+        yield net
+
+
+def save_adapter(net: nn.Module, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write the adapter weights (safetensors) and its config (JSON) into ``directory``."""
+    from peft import get_peft_model_state_dict
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = net.peft_config["default"]
+    save_tensors(directory / ADAPTER_WEIGHTS, get_peft_model_state_dict(net))
+    write_json(directory / ADAPTER_CONFIG, {
+        "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+        "target_modules": sorted(cfg.target_modules), **(extra or {})})
+    return directory
+
+
+def load_adapter(net: nn.Module, directory: str | Path) -> nn.Module:
+    """Wrap a (reference) ``net`` with the adapter saved in ``directory``."""
+    from peft import set_peft_model_state_dict
+
+    directory = Path(directory)
+    cfg_path = directory / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{directory} has no {ADAPTER_CONFIG}: not a LoRA adapter")
+    cfg = json.loads(cfg_path.read_text())
+    wrapped = add_lora(net, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
+                       targets=list(cfg["target_modules"]))
+    tensors = load_tensors(directory / ADAPTER_WEIGHTS, device=_device(net))
+    result = set_peft_model_state_dict(wrapped, tensors)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise CheckpointError(f"adapter in {directory} does not fit this network: unexpected "
+                              f"keys {unexpected[:3]}")
+    return wrapped
+
+
+def merge_lora(net: nn.Module) -> nn.Module:
+    """Fold the adapter into the base weights and return the plain network (a copy-free merge)."""
+    if not is_lora(net):
+        return net
+    merged = net.merge_and_unload()
+    for p in merged.parameters():  # peft leaves the base frozen after merging
+        p.requires_grad_(True)
+    return merged
+
+
+def _device(net: nn.Module) -> torch.device:
+    for p in net.parameters():
+        return p.device
+    return torch.device("cpu")
