@@ -373,3 +373,16 @@ def test_schedules_monotone_and_end_near_noise():
             assert ab[-1] < 0.01, (sched, k, ab[-1])
     sm = ScoreMatching()
     assert math.exp(sm.log_abar(1.0)) < 1e-3
+
+
+@pytest.mark.parametrize("name,make", ALL)
+def test_stochastic_variant_has_gaussian_transitions(name, make):
+    p = make().stochastic_variant()
+    assert p.stochastic
+    net = OracleGaussian(p, m=0.0, s=1.0)
+    x = torch.randn(3, 2, 2)
+    times = p.timesteps(5)
+    out = p.step(net, x, float(times[1]), float(times[2]))
+    assert (out.std > 0).all()
+    lp = p.log_prob(net, x, out.prev, float(times[1]), float(times[2]))
+    assert torch.isfinite(lp).all()

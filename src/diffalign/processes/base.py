@@ -180,6 +180,15 @@ class DiffusionProcess(ABC):
              noise: Tensor | None = None) -> StepOutput:
         """One reverse transition from time ``t`` to ``t_prev < t`` (no in-painting)."""
 
+    def stochastic_variant(self) -> DiffusionProcess:
+        """This process with a stochastic sampler (Gaussian transitions), for RL.
+
+        DDPM is already stochastic; DDIM gets η = 1 when it was deterministic; score matching
+        uses Euler–Maruyama and flow matching its noise-injected SDE sampler. The network and
+        its training are unchanged: only the sampler differs.
+        """
+        return self
+
     # ----- shared implementations ------------------------------------------------------
     def _net(self, net, x: Tensor, t: float | Tensor, cond, extra) -> Tensor:
         tb = _batch_time(t, x.shape[0], x)
@@ -239,7 +248,7 @@ class DiffusionProcess(ABC):
                 total += out["loss_per_sample"]
         return -total / n_samples
 
-    def _impose(self, x: Tensor, t: float, inpaint: Inpaint | None,
+    def impose(self, x: Tensor, t: float, inpaint: Inpaint | None,
                 generator: torch.Generator | None) -> Tensor:
         """Re-impose known entries at the noise level of time ``t``."""
         if inpaint is None:
@@ -282,7 +291,7 @@ class DiffusionProcess(ABC):
         times = self.timesteps(steps)
         like = torch.empty(0, device=dev)
         x = _randn(shape, generator, like) if x_init is None else x_init.to(dev)
-        x = self._impose(x, float(times[0]), inpaint, generator)
+        x = self.impose(x, float(times[0]), inpaint, generator)
         rec: dict[str, list[Tensor]] = {"chain": [x.detach()], "means": [], "stds": [],
                                         "x0_preds": []}
         first_grad = steps if grad_last_k is None else steps - grad_last_k
@@ -293,7 +302,7 @@ class DiffusionProcess(ABC):
                 if i == first_grad:
                     x = x.detach()
                 out = self.step(net, x, t, t_prev, cond=cond, extra=extra, generator=generator)
-                x = self._impose(out.prev, t_prev, inpaint, generator)
+                x = self.impose(out.prev, t_prev, inpaint, generator)
             if return_chain:
                 rec["chain"].append(x.detach())
                 rec["means"].append(out.mean.detach())

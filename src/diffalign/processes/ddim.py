@@ -25,6 +25,12 @@ class DDIM(DDPM):
         self.eta = eta
         self.stochastic = eta > 0
 
+    def stochastic_variant(self) -> DDIM:
+        if self.eta > 0:
+            return self
+        return DDIM(self.num_train_steps, self.schedule, self.prediction, self.clip_x0,
+                    self.default_steps, eta=1.0)
+
     def step(self, net, x, t, t_prev, cond=None, extra=None, generator=None, noise=None):
         a_t, a_p = self._coeffs(t, t_prev, x)
         eps, x0 = self.split(self._net(net, x, t, cond, extra), x, a_t)

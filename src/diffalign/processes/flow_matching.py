@@ -52,6 +52,10 @@ class FlowMatching(DiffusionProcess):
         t = t.float()
         return ((1 - t) / t.clamp_min(1e-6)) ** 2
 
+    def stochastic_variant(self) -> FlowMatching:
+        return self if self.stochastic else FlowMatching("sde", self.noise_level or 0.7,
+                                                         self.default_steps)
+
     def add_noise(self, x0, t, noise):
         t = t.to(x0).view(-1, 1, 1) if isinstance(t, torch.Tensor) else float(t)
         return (1 - t) * x0 + t * noise

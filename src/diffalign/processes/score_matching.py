@@ -50,6 +50,9 @@ class ScoreMatching(DiffusionProcess):
         return ScoreMatching(self.beta_min, self.beta_max, sampler, self.t_min,
                              self.default_steps)
 
+    def stochastic_variant(self) -> ScoreMatching:
+        return self if self.sampler == "em" else self.with_sampler("em")
+
     def beta(self, t: float) -> float:
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
