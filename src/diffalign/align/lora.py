@@ -19,8 +19,8 @@ from torch import nn
 from ..atomic import write_json
 from ..train.checkpoint import CheckpointError, load_tensors, save_tensors
 
-__all__ = ["add_lora", "is_lora", "load_adapter", "lora_parameters", "lora_target_modules",
-           "merge_lora", "reference", "save_adapter"]
+__all__ = ["ReferenceView", "add_lora", "is_lora", "load_adapter", "lora_parameters",
+           "lora_target_modules", "merge_lora", "reference", "remove_lora", "save_adapter"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -72,6 +72,22 @@ def reference(net: nn.Module):
         yield net
 
 
+class ReferenceView(nn.Module):
+    """Callable view of the reference model: ``net`` with its adapter disabled.
+
+    Calls run under ``torch.no_grad()``; the reference never receives a gradient.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self._net = [net]  # a list keeps it out of this module's parameters
+
+    def forward(self, *args, **kwargs):
+        net = self._net[0]
+        with torch.no_grad(), reference(net):
+            return net(*args, **kwargs)
+
+
 def save_adapter(net: nn.Module, directory: str | Path, extra: dict | None = None) -> Path:
     """Write the adapter weights (safetensors) and its config (JSON) into ``directory``."""
     from peft import get_peft_model_state_dict
@@ -114,6 +130,11 @@ def merge_lora(net: nn.Module) -> nn.Module:
     for p in merged.parameters():  # peft leaves the base frozen after merging
         p.requires_grad_(True)
     return merged
+
+
+def remove_lora(net: nn.Module) -> nn.Module:
+    """Take the adapter out again (in place) and return the plain reference network."""
+    return net.unload() if is_lora(net) else net
 
 
 def _device(net: nn.Module) -> torch.device:

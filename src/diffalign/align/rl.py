@@ -7,11 +7,18 @@ the end. These are the pure loss functions; shapes: ``(B, K)`` for per-step quan
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import Tensor
 
-__all__ = ["credit_decreasing", "credit_retrospective", "gaussian_kl_equal_var",
-           "group_advantages", "policy_gradient_loss"]
+from ..processes.base import gaussian_log_prob
+from .common import AlignSetup, diversity_bonus, expand_condition, free_mask
+from .lora import lora_parameters, reference
+
+__all__ = ["RLConfig", "RLMethod", "credit_decreasing", "credit_retrospective",
+           "gaussian_kl_equal_var", "group_advantages", "policy_gradient_loss"]
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
@@ -100,3 +107,171 @@ def credit_retrospective(x0_preds: Tensor, x0: Tensor, temperature: float = 1.0,
     if normalize:
         lam = lam * (lam.shape[1] / lam.sum(1, keepdim=True).clamp_min(1e-12))
     return lam.detach()
+
+
+# ------------------------------------------------------------------------------ training
+
+
+@dataclass
+class RLConfig:
+    """RL fine-tuning over the denoising chain."""
+
+    algo: Literal["ppo", "reinforce", "qvpg"] = "ppo"
+    """"ppo" (clipped ratio), "reinforce" (plain score function) or "qvpg" (reward gradient
+    through the last K sampling steps)."""
+    states_per_iter: int = 32
+    """Conditions per update."""
+    group_size: int = 8
+    """Samples per condition (the group baseline of the advantage)."""
+    ppo_epochs: int = 2
+    """Passes over each batch of chains (ppo)."""
+    clip: float = 0.2
+    """PPO ratio clip ε."""
+    kl_coef: float = 0.05
+    """Weight of the KL to the reference, Σ_k ‖μ_θ − μ_ref‖²/(2σ_k²); 0 disables it."""
+    lr: float = 3e-4
+    """Adapter learning rate."""
+    credit: Literal["uniform", "decreasing", "retrospective"] = "uniform"
+    """Credit λ_k over denoising steps: all equal, γ^k toward the noise, or retrospective
+    similarity of each step's x0-prediction to the final sample."""
+    credit_gamma: float = 0.9
+    """γ of the decreasing credit."""
+    grad_last_k: int = 3
+    """QV-PG: backpropagate through the last K denoising steps only."""
+    random_k: bool = False
+    """QV-PG: draw K uniformly from 1..grad_last_k per batch."""
+    entropy_coef: float = 0.0
+    """Weight of the diversity (entropy surrogate) bonus; 0 disables it."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping of the adapter."""
+
+    def __post_init__(self):
+        if self.group_size < 1 or self.states_per_iter < 1:
+            raise ValueError(f"group_size={self.group_size} and states_per_iter="
+                             f"{self.states_per_iter} must be >= 1")
+        if self.algo != "qvpg" and self.group_size < 2:
+            raise ValueError(f"algo={self.algo!r} needs group_size >= 2 for its baseline, got "
+                             f"group_size={self.group_size}")
+        if self.grad_last_k < 1:
+            raise ValueError(f"grad_last_k must be >= 1, got {self.grad_last_k}")
+        if self.lr <= 0 or self.kl_coef < 0 or self.clip <= 0:
+            raise ValueError(f"need lr > 0, kl_coef >= 0, clip > 0; got lr={self.lr}, "
+                             f"kl_coef={self.kl_coef}, clip={self.clip}")
+
+
+class RLMethod:
+    """One RL update per :meth:`step` on the LoRA adapter of ``net``."""
+
+    name = "rl"
+
+    def __init__(self, setup: AlignSetup, net: torch.nn.Module, cfg: RLConfig,
+                 generator: torch.Generator):
+        self.setup, self.net, self.cfg, self.gen = setup, net, cfg, generator
+        self.model = setup.model
+        base = self.model.process
+        # PPO/REINFORCE need Gaussian transitions; QV-PG differentiates any sampler.
+        self.process = base if cfg.algo == "qvpg" else base.stochastic_variant()
+        self.params = lora_parameters(net)
+        if not self.params:
+            raise ValueError("RL needs a LoRA-wrapped net (no trainable adapter parameters)")
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
+
+    def _steps(self) -> int:
+        return self.setup.steps or self.process.default_steps
+
+    def step(self) -> dict[str, float]:
+        return self._qvpg() if self.cfg.algo == "qvpg" else self._policy_gradient()
+
+    # -- REINFORCE / PPO ---------------------------------------------------------------
+    def _policy_gradient(self) -> dict[str, float]:
+        cfg, proc, net = self.cfg, self.process, self.net
+        obs = self.setup.draw_states(cfg.states_per_iter, self.gen)
+        rows = obs.repeat_interleave(cfg.group_size, 0)
+        cond, inpaint, shape = expand_condition(self.model, obs, cfg.group_size)
+        steps = self._steps()
+        with torch.no_grad():
+            out = proc.sample(net, shape, cond=cond, steps=steps, inpaint=inpaint,
+                              generator=self.gen, return_chain=True, device=self.model.device)
+            reward = self.setup.reward(out.x0, rows)
+            shaped = reward
+            if cfg.entropy_coef > 0:
+                shaped = reward + cfg.entropy_coef * diversity_bonus(out.x0, cfg.group_size)
+            adv = group_advantages(shaped, cfg.group_size)
+        free = free_mask(inpaint, shape)
+        active = [k for k in range(steps) if bool((out.stds[k] > 0).all())]
+        credit = self._credit(out, active)
+        logp_old = [gaussian_log_prob(out.chain[k + 1], out.means[k], out.stds[k], free)
+                    for k in active]
+        stats = {"loss": 0.0, "kl": 0.0}
+        for _ in range(cfg.ppo_epochs if cfg.algo == "ppo" else 1):
+            self.optimizer.zero_grad(set_to_none=True)
+            for j, k in enumerate(active):
+                t, tp = float(out.times[k]), float(out.times[k + 1])
+                st = proc.step(net, out.chain[k], t, tp, cond=cond, noise=torch.zeros(()))
+                logp = gaussian_log_prob(out.chain[k + 1], st.mean, st.std, free)
+                pg = policy_gradient_loss(
+                    logp[:, None], adv, logp_old[j][:, None] if cfg.algo == "ppo" else None,
+                    clip=cfg.clip, credit=credit[:, j:j + 1])
+                loss = pg["loss"]
+                if cfg.kl_coef > 0:
+                    kl = self._kl(st, out.chain[k], t, tp, cond, free)
+                    loss = loss + cfg.kl_coef * kl.mean() / len(active)
+                    stats["kl"] += float(kl.mean())
+                loss.backward()  # one step at a time: memory flat in the step count
+                stats["loss"] += float(loss.detach())
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            self.optimizer.step()
+        return {"reward": float(reward.mean()), "loss": stats["loss"],
+                "kl": stats["kl"] / max(1, cfg.ppo_epochs)}
+
+    def _credit(self, out, active: list[int]) -> Tensor:
+        b = out.x0.shape[0]
+        if self.cfg.credit == "decreasing":
+            return credit_decreasing(len(active), self.cfg.credit_gamma).to(out.x0).expand(b, -1)
+        if self.cfg.credit == "retrospective":
+            return credit_retrospective(out.x0_preds[active], out.x0)
+        return torch.ones(b, len(active), device=out.x0.device)
+
+    def _kl(self, st, x, t, tp, cond, free) -> Tensor:
+        with torch.no_grad(), reference(self.net):
+            ref = self.process.step(self.net, x, t, tp, cond=cond, noise=torch.zeros(())).mean
+        m = 1.0 if free is None else free.to(ref.dtype)
+        return gaussian_kl_equal_var(st.mean * m, ref * m, st.std)
+
+    # -- QV-PG -------------------------------------------------------------------------
+    def _qvpg(self) -> dict[str, float]:
+        cfg, proc, net = self.cfg, self.process, self.net
+        n = cfg.group_size
+        obs = self.setup.draw_states(cfg.states_per_iter, self.gen)
+        rows = obs.repeat_interleave(n, 0)
+        cond, inpaint, shape = expand_condition(self.model, obs, n)
+        steps = self._steps()
+        k_max = min(steps, cfg.grad_last_k)
+        k_grad = int(torch.randint(1, k_max + 1, (1,), generator=self.gen)) if cfg.random_k \
+            else k_max
+        times = proc.timesteps(steps)
+        x = torch.randn(shape, generator=self.gen).to(self.model.device)
+        x = proc.impose(x, float(times[0]), inpaint, self.gen)
+        free = free_mask(inpaint, shape)
+        kl = torch.zeros(shape[0], device=x.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i in range(steps):
+            t, tp = float(times[i]), float(times[i + 1])
+            if i < steps - k_grad:
+                with torch.no_grad():
+                    x = proc.impose(proc.step(net, x, t, tp, cond=cond, generator=self.gen).prev,
+                                    tp, inpaint, self.gen)
+                continue
+            st = proc.step(net, x, t, tp, cond=cond, generator=self.gen)
+            if cfg.kl_coef > 0 and bool((st.std > 0).all()):
+                kl = kl + self._kl(st, x.detach(), t, tp, cond, free)
+            x = proc.impose(st.prev, tp, inpaint, self.gen)
+        reward = self.setup.reward(x, rows)
+        loss = -reward.mean() + cfg.kl_coef * kl.mean()
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * diversity_bonus(x, n).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        return {"reward": float(reward.mean()), "loss": float(loss), "kl": float(kl.mean()),
+                "grad_last_k": k_grad}

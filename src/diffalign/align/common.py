@@ -1,0 +1,109 @@
+"""What every alignment method shares: conditions, frozen critic, validation reward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..processes import Inpaint
+
+__all__ = ["AlignSetup", "condition_pool", "diversity_bonus", "expand_condition", "freeze",
+           "validation_reward"]
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Turn off gradients of every parameter (the critic and the reference stay fixed)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def condition_pool(episodes, obs_history: int, n: int, seed: int = 0) -> Tensor:
+    """``n`` random dataset states with their observation histories, ``(n, T_o, obs_dim)``.
+
+    The history before an episode's start is padded by repeating the first observation.
+    These are the conditions c the aligned model is optimised (and validated) on.
+    """
+    rng = np.random.default_rng(seed)
+    obs = episodes.observations
+    starts = np.repeat(episodes.starts, episodes.lengths())
+    idx = rng.integers(0, len(obs), size=n)
+    offs = np.arange(-obs_history + 1, 1)
+    rows = np.maximum(idx[:, None] + offs[None, :], starts[idx][:, None])
+    return torch.as_tensor(obs[rows], dtype=torch.float32)
+
+
+def expand_condition(model, obs_hist: Tensor, n: int
+                     ) -> tuple[Tensor | None, Inpaint | None, tuple[int, int, int]]:
+    """The model's condition for ``n`` samples per row, row-major, and the sample shape."""
+    c = model.condition(obs_hist)
+    b = obs_hist.shape[0]
+    cond = None if c.cond is None else c.cond.repeat_interleave(n, 0)
+    inpaint = None
+    if c.inpaint is not None:
+        mask = c.inpaint.mask
+        if mask.shape[0] != 1:
+            mask = mask.repeat_interleave(n, 0)
+        inpaint = Inpaint(value=c.inpaint.value.repeat_interleave(n, 0), mask=mask)
+    return cond, inpaint, (b * n, *c.shape)
+
+
+def free_mask(inpaint: Inpaint | None, shape) -> Tensor | None:
+    """Bool mask of the entries the model generates (not in-painted), or None for all."""
+    if inpaint is None:
+        return None
+    return ~inpaint.mask.expand(shape)
+
+
+def diversity_bonus(x0: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+    """Entropy surrogate per sample: log mean distance to the other members of its group.
+
+    Adding ``coef · bonus`` to the reward resists the narrowing of the distribution that
+    reward maximisation causes (a nearest-neighbour entropy estimate, up to constants).
+    """
+    if group_size < 2:
+        return torch.zeros(x0.shape[0], device=x0.device)
+    g = x0.flatten(1).view(-1, group_size, x0[0].numel())
+    d = torch.cdist(g, g)  # (G, n, n)
+    mean_d = d.sum(-1) / (group_size - 1)
+    return torch.log(mean_d + eps).reshape(-1)
+
+
+@dataclass
+class AlignSetup:
+    """The frozen parts of an alignment run."""
+
+    model: nn.Module
+    """The reference control model; during alignment its ``net`` carries the LoRA adapter."""
+    critic: nn.Module
+    """The reward model R (an IQL critic), frozen."""
+    states: Tensor
+    """Training conditions ``(N, T_o, obs_dim)`` (RAW)."""
+    val_states: Tensor
+    """Validation conditions ``(M, T_o, obs_dim)`` (RAW)."""
+    steps: int | None = None
+    """Denoising steps while aligning (None: the process default)."""
+
+    def reward(self, x0: Tensor, obs_rows: Tensor) -> Tensor:
+        """R(x0) for samples whose rows match ``obs_rows``."""
+        return self.model.reward(x0, obs_rows, self.critic)
+
+    def draw_states(self, n: int, generator: torch.Generator) -> Tensor:
+        idx = torch.randint(0, len(self.states), (n,), generator=generator)
+        return self.states[idx].to(self.model.device)
+
+
+@torch.no_grad()
+def validation_reward(setup: AlignSetup, net: nn.Module | None = None, seed: int = 1234,
+                      candidates: int = 1) -> tuple[float, Tensor]:
+    """Mean reward of one sample per validation state with a fixed seed: ``(mean, per-state)``."""
+    model = setup.model
+    g = torch.Generator().manual_seed(seed)
+    obs = setup.val_states.to(model.device)
+    out = model.sample(obs, n=candidates, generator=g, steps=setup.steps, net=net)
+    rows = obs.repeat_interleave(candidates, 0)
+    r = setup.reward(out.x0, rows).view(-1, candidates).max(1).values
+    return float(r.mean()), r

@@ -1,0 +1,140 @@
+"""The unified alignment sequence: RL → DPO → SFT, each until its validation reward
+plateaus, for several passes until a pass gains too little (DESIGN §4).
+
+All methods train one LoRA adapter; a :class:`~diffalign.align.guards.Guard` keeps the best
+adapter, and each method ends on its best validated adapter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .common import AlignSetup, validation_reward
+from .dpo import DPOConfig, DPOMethod
+from .guards import Guard, GuardConfig
+from .lora import lora_parameters
+from .rl import RLConfig, RLMethod
+from .sft import SFTConfig, SFTMethod
+
+__all__ = ["METHODS", "SequenceConfig", "StageResult", "build_method", "run_sequence"]
+
+METHODS = ("rl", "dpo", "sft")
+
+
+@dataclass
+class SequenceConfig:
+    """How the methods are run, stopped and repeated."""
+
+    methods: tuple[str, ...] = ("rl", "dpo", "sft")
+    """Methods in order (any of rl, dpo, sft)."""
+    passes: int = 2
+    """Maximum passes over the methods."""
+    max_iters: int = 40
+    """Maximum updates of one method in one pass."""
+    eval_every: int = 4
+    """Updates between validation evaluations."""
+    patience: int = 3
+    """Evaluations without a gain of ``min_delta`` before a method is stopped (plateau)."""
+    min_delta: float = 0.002
+    """Smallest validation gain that counts as progress (relative to |reference reward|)."""
+    pass_min_gain: float = 0.005
+    """Stop after a pass whose gain is below this (relative to |reference reward|)."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """Collapse guard thresholds."""
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"unknown alignment method(s) {bad or self.methods}; choose from "
+                             f"{METHODS}")
+        if self.passes < 1 or self.max_iters < 1 or self.eval_every < 1 or self.patience < 1:
+            raise ValueError(f"passes={self.passes}, max_iters={self.max_iters}, eval_every="
+                             f"{self.eval_every}, patience={self.patience} must all be >= 1")
+
+
+@dataclass
+class StageResult:
+    """One method run in one pass."""
+
+    name: str
+    method: str
+    iterations: int
+    val_reward: float
+    wall_s: float
+    history: list[dict] = field(default_factory=list)
+
+
+def build_method(name: str, setup: AlignSetup, net, cfgs: dict, generator):
+    """Instantiate the method ``name`` with its config from ``cfgs`` (or the defaults)."""
+    if name == "rl":
+        return RLMethod(setup, net, cfgs.get("rl") or RLConfig(), generator)
+    if name == "dpo":
+        return DPOMethod(setup, net, cfgs.get("dpo") or DPOConfig(), generator)
+    if name == "sft":
+        return SFTMethod(setup, net, cfgs.get("sft") or SFTConfig(), generator)
+    raise ValueError(f"unknown alignment method {name!r}; choose from {METHODS}")
+
+
+def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None = None,
+                 seed: int = 0, on_stage_end: Callable[[StageResult], None] | None = None,
+                 progress: bool = True) -> tuple[list[StageResult], list[dict], Guard]:
+    """Run the sequence on the LoRA-wrapped ``net``; returns (stages, events, guard).
+
+    ``on_stage_end`` is called after each stage with the adapter set to that stage's best
+    (e.g. to evaluate it in the environment).
+    """
+    cfgs = cfgs or {}
+    gen = torch.Generator().manual_seed(seed)
+    ref_reward, _ = validation_reward(setup, net=net)
+    guard = Guard(lora_parameters(net), reference_reward=ref_reward, cfg=seq.guard)
+    guard.observe(ref_reward)
+    scale = max(abs(ref_reward), 1e-6)
+    stages: list[StageResult] = []
+    events: list[dict] = []
+    pass_start = ref_reward
+    for p in range(seq.passes):
+        for m in seq.methods:
+            name = m if p == 0 else f"{m}_p{p + 1}"
+            method = build_method(m, setup, net, cfgs, gen)
+            t0 = time.perf_counter()
+            stage_best = guard.best_reward
+            stale, history, it = 0, [], 0
+            bar = tqdm(range(seq.max_iters), desc=f"align/{name}", disable=not progress,
+                       leave=False)
+            for it in bar:
+                stats = method.step()
+                reason = guard.loss_spiked(float(stats.get("loss", 0.0)))
+                if reason is None and (it + 1) % seq.eval_every == 0:
+                    val, _ = validation_reward(setup, net=net)
+                    stats["val_reward"] = val
+                    reason = guard.reward_collapsed(val)
+                    if reason is None:
+                        if guard.observe(val) and val - stage_best > seq.min_delta * scale:
+                            stage_best, stale = val, 0
+                        else:
+                            stale += 1
+                        bar.set_postfix(val=f"{val:.3f}", best=f"{guard.best_reward:.3f}")
+                if reason is not None:
+                    events.append(guard.handle_collapse(reason, method.optimizer, name, it))
+                    stale += 1
+                history.append({"iteration": it, **stats})
+                if stale >= seq.patience:
+                    break
+            guard.restore()  # end every stage on the best validated adapter
+            stage = StageResult(name=name, method=m, iterations=it + 1,
+                                val_reward=guard.best_reward,
+                                wall_s=time.perf_counter() - t0, history=history)
+            stages.append(stage)
+            if on_stage_end is not None:
+                on_stage_end(stage)
+        gain = guard.best_reward - pass_start
+        pass_start = guard.best_reward
+        if p + 1 < seq.passes and gain < seq.pass_min_gain * scale:
+            events.append({"kind": "passes_stopped", "after_pass": p + 1, "gain": gain})
+            break
+    return stages, events, guard
