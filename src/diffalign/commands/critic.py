@@ -1,0 +1,151 @@
+"""``diffalign critic``: train the IQL critic on a task's offline data (a thin library call)."""
+
+from __future__ import annotations
+
+import json as _json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffalign.models.critic import CriticConfig
+
+_DEFAULTS = CriticConfig()
+
+
+@dataclass
+class CriticArgs:
+    """Train the IQL critic (twin Q, expectile V, target Qs) and save it to --out."""
+
+    out: Path
+    """Output directory: config.json + model.safetensors (+ train_state/, metrics)."""
+    task: str = "nav1d/full"
+    """nav1d/{partial,full,expert}, a D4RL/robomimic HDF5 file, or a local Minari id."""
+    layout_seed: int = 0
+    """Nav1D reward layout seed."""
+    episodes: int = 1000
+    """Nav1D dataset size in episodes (ignored for dataset files)."""
+    data_seed: int = 0
+    """Seed of the generated Nav1D dataset (ignored for dataset files)."""
+    steps: int = _DEFAULTS.steps
+    """Optimiser steps."""
+    batch_size: int = _DEFAULTS.batch_size
+    """Transitions per step."""
+    lr: float = _DEFAULTS.lr
+    """Adam learning rate."""
+    hidden: int = _DEFAULTS.hidden
+    """Hidden width of the Q and V MLPs."""
+    depth: int = _DEFAULTS.depth
+    """Hidden layers of the Q and V MLPs."""
+    expectile: float = _DEFAULTS.expectile
+    """Expectile tau of the value regression."""
+    gamma: float = _DEFAULTS.gamma
+    """Discount factor."""
+    target_tau: float = _DEFAULTS.target_tau
+    """Polyak rate of the target Qs."""
+    reward_scale: float = _DEFAULTS.reward_scale
+    """Rewards become reward_scale * r + reward_bias for the TD target."""
+    reward_bias: float = _DEFAULTS.reward_bias
+    """See reward_scale."""
+    timeouts_as_terminals: bool | None = None
+    """Stop bootstrapping at time-outs (default: auto, True for Nav1D only)."""
+    seed: int = 0
+    """Seed of the initialisation and batch sampling."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda', ..."""
+    progress: bool = True
+    """Show a progress bar."""
+    json: bool = False
+    """Print the summary as one JSON object."""
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.episodes < 1:
+            raise ValueError(f"episodes must be >= 1, got episodes={self.episodes}")
+        if self.layout_seed < 0 or self.data_seed < 0:
+            raise ValueError(f"seeds must be >= 0, got layout_seed={self.layout_seed} "
+                             f"data_seed={self.data_seed}")
+        self.critic_config()  # validate now, naming the field
+
+    def critic_config(self) -> CriticConfig:
+        return CriticConfig(
+            steps=self.steps, batch_size=self.batch_size, lr=self.lr, hidden=self.hidden,
+            depth=self.depth, expectile=self.expectile, gamma=self.gamma,
+            target_tau=self.target_tau, reward_scale=self.reward_scale,
+            reward_bias=self.reward_bias, timeouts_as_terminals=self.timeouts_as_terminals,
+            seed=self.seed, device=self.device)
+
+
+def nav1d_critic_check(critic: Any, episodes: Any, layout_seed: int = 0, seed: int = 0
+                       ) -> dict[str, float]:
+    """How well a critic ranks actions on Nav1D data.
+
+    ``frac_opt_over_random``: fraction of dataset states where ``Q(s, π*(s)) > Q(s, a)``
+    with ``a ~ U(−1, 1)`` (``π*`` the DP-optimal policy); ``v_start``: mean ``V`` over the
+    episodes' first observations; ``v_star_start``: mean DP optimum ``V*`` there (undiscounted).
+    """
+    import torch
+
+    from diffalign.envs.nav1d_optimum import nav1d_optimum
+
+    opt = nav1d_optimum(layout_seed=layout_seed)
+    obs = episodes.observations
+    a_opt = opt["policy"](obs)
+    a_rand = np.random.default_rng(seed).uniform(-1, 1, size=a_opt.shape).astype(np.float32)
+    with torch.no_grad():
+        q_opt = critic.q(obs, a_opt).cpu().numpy()
+        q_rand = critic.q(obs, a_rand).cpu().numpy()
+        s0 = obs[episodes.starts]
+        v0 = critic.v(s0).cpu().numpy()
+    return {
+        "frac_opt_over_random": float((q_opt > q_rand).mean()),
+        "v_start": float(v0.mean()),
+        "v_star_start": float(opt["solution"].value(s0[:, 0]).mean()),
+    }
+
+
+def critic_main(args: CriticArgs) -> dict[str, Any]:
+    """Train and save the critic; print and return a summary (losses and values on the data)."""
+    from diffalign.models.critic import (
+        evaluate_critic,
+        resolve_timeouts_as_terminals,
+        train_critic,
+        transitions_from_episodes,
+    )
+    from diffalign.tasks import resolve_task
+
+    task = resolve_task(args.task, layout_seed=args.layout_seed, episodes=args.episodes,
+                        seed=args.data_seed)
+    cfg = args.critic_config()
+    critic = train_critic(task.episodes, cfg, args.out, progress=args.progress)
+    data = transitions_from_episodes(task.episodes,
+                                     resolve_timeouts_as_terminals(cfg, task.episodes))
+    stats = evaluate_critic(critic, data)
+    summary: dict[str, Any] = {
+        "task": args.task,
+        "out": str(args.out),
+        "transitions": int(len(data["observations"])),
+        "steps": cfg.steps,
+        **{f"critic/{k}": v for k, v in stats.items()},
+    }
+    if args.task.startswith("nav1d/"):
+        check = nav1d_critic_check(critic, task.episodes, args.layout_seed, args.seed)
+        summary.update({f"critic/nav1d/{k}": v for k, v in check.items()})
+    from diffalign.atomic import write_json
+
+    write_json(args.out / "critic_summary.json", summary)
+    if args.json:
+        print(_json.dumps(summary))
+    else:
+        line = (f"critic on {args.task} ({summary['transitions']} transitions, {cfg.steps} "
+                f"steps) -> {args.out}: loss_q {stats['loss_q']:.4f}, loss_v "
+                f"{stats['loss_v']:.4f}, mean Q {stats['q_mean']:.3f}, mean V "
+                f"{stats['v_mean']:.3f}")
+        if "critic/nav1d/v_start" in summary:
+            line += (f"; V(s0) {summary['critic/nav1d/v_start']:.3f} (optimum "
+                     f"{summary['critic/nav1d/v_star_start']:.3f} undiscounted), "
+                     f"Q(pi*) > Q(random) on "
+                     f"{100 * summary['critic/nav1d/frac_opt_over_random']:.1f}% of states")
+        print(line)
+    return summary

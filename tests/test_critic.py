@@ -1,0 +1,338 @@
+"""IQL critic and agent: the loss formulas by hand, gradient isolation, Polyak, checkpoints,
+data handling and a seconds-long learnability check on Nav1D."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from diffalign.data.episodes import Episodes
+from diffalign.data.nav1d_datasets import generate_nav1d_dataset, nav1d_dataset_attrs, to_episodes
+from diffalign.data.normalizer import NormalizerSet
+from diffalign.models.critic import (
+    CriticConfig,
+    IQLCritic,
+    awr_weights,
+    expectile_loss,
+    iql_q_loss,
+    iql_value_loss,
+    train_critic,
+    transitions_from_episodes,
+)
+from diffalign.models.iql_agent import IQLAgent, IQLAgentConfig, awr_actor_loss, train_iql_agent
+from diffalign.train.checkpoint import CheckpointError
+
+TINY = dict(hidden=32, depth=2, steps=5, batch_size=16, log_every=1000)
+
+
+def _batch(n: int = 8, obs_dim: int = 2, act_dim: int = 1, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "observations": torch.randn(n, obs_dim, generator=g),
+        "actions": torch.rand(n, act_dim, generator=g) * 2 - 1,
+        "rewards": torch.rand(n, generator=g),
+        "next_observations": torch.randn(n, obs_dim, generator=g),
+        "dones": (torch.rand(n, generator=g) < 0.3).float(),
+    }
+
+
+def _critic(seed: int = 0, **kw) -> IQLCritic:
+    torch.manual_seed(seed)
+    return IQLCritic(2, 1, CriticConfig(**{**TINY, **kw}))
+
+
+def _grads(module: nn.Module) -> list:
+    return [p.grad for p in module.parameters()]
+
+
+def _nav1d(episodes: int, kind: str = "full", seed: int = 0) -> Episodes:
+    data = generate_nav1d_dataset(kind, episodes=episodes, seed=seed)
+    return to_episodes(data, nav1d_dataset_attrs(kind, seed=seed, episodes=episodes))
+
+
+# ------------------------------------------------------------------ pure losses
+def test_expectile_loss_by_hand():
+    diff = torch.tensor([-1.0, 2.0])
+    assert expectile_loss(diff, 0.7).item() == pytest.approx((0.3 * 1 + 0.7 * 4) / 2)
+    # tau = 0.5 is half the MSE
+    d = torch.tensor([0.5, -3.0, 1.5])
+    assert expectile_loss(d, 0.5).item() == pytest.approx(0.5 * (d**2).mean().item())
+
+
+def test_value_loss_detaches_q():
+    q = torch.tensor([1.0, 3.0], requires_grad=True)
+    v = torch.tensor([2.0, 1.0], requires_grad=True)
+    loss = iql_value_loss(q, v, 0.7)  # diff = q - v = [-1, 2]
+    assert loss.item() == pytest.approx(1.55)
+    loss.backward()
+    assert q.grad is None
+    # d/dv mean(w (q - v)^2) = -w (q - v) = [-(0.3)(-1), -(0.7)(2)]
+    torch.testing.assert_close(v.grad, torch.tensor([0.3, -1.4]))
+
+
+def test_q_loss_by_hand():
+    q1 = torch.tensor([1.0, 2.0], requires_grad=True)
+    q2 = torch.tensor([0.0, 1.0], requires_grad=True)
+    next_v = torch.tensor([2.0, 5.0], requires_grad=True)
+    r, done = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    # target = [1 + 0.5 * 2, 0 + 0] = [2, 0]; q1 errors [-1, 2], q2 errors [-2, 1]
+    loss = iql_q_loss(q1, q2, r, done, next_v, gamma=0.5)
+    assert loss.item() == pytest.approx((1 + 4) / 2 + (4 + 1) / 2)
+    loss.backward()
+    assert next_v.grad is None
+    torch.testing.assert_close(q1.grad, torch.tensor([-1.0, 2.0]))
+
+
+def test_awr_weights_clip_and_detach():
+    adv = torch.tensor([0.0, 1.0, 100.0, -2.0], requires_grad=True)
+    w = awr_weights(adv, beta=2.0, max_weight=100.0)
+    torch.testing.assert_close(w, torch.tensor([1.0, math.exp(2.0), 100.0, math.exp(-4.0)]))
+    assert not w.requires_grad
+    lp = torch.tensor([-1.0, -2.0, 0.5, 1.0], requires_grad=True)
+    assert awr_actor_loss(lp, w).item() == pytest.approx(-(w * lp).mean().item())
+
+
+# ------------------------------------------------------------------ gradient isolation
+def test_value_loss_reaches_only_v():
+    c = _critic()
+    c.loss(_batch())["loss_v"].backward()
+    assert all(g is not None and g.abs().sum() > 0 for g in _grads(c.v_net))
+    for net in (c.q1, c.q2, c.q1_target, c.q2_target):
+        assert all(g is None or not g.any() for g in _grads(net))
+
+
+def test_q_loss_reaches_only_online_q():
+    c = _critic()
+    c.loss(_batch())["loss_q"].backward()
+    for net in (c.q1, c.q2):
+        assert all(g is not None and g.abs().sum() > 0 for g in _grads(net))
+    for net in (c.v_net, c.q1_target, c.q2_target):
+        assert all(g is None or not g.any() for g in _grads(net))
+
+
+def test_critic_loss_does_not_touch_an_actor_and_actor_loss_not_the_critic():
+    c = _critic()
+    actor = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1))
+    batch = _batch()
+    batch["actions"] = torch.tanh(actor(batch["observations"]))  # carries a graph
+    c.loss(batch)["loss"].backward()
+    assert all(g is None for g in _grads(actor))
+    assert all(g is not None for g in _grads(c.q1))
+    # the AWR loss of an agent, with weights from the critic's advantage, leaves the critic alone
+    c.zero_grad(set_to_none=True)
+    agent = IQLAgent(2, 1, IQLAgentConfig(hidden=16))
+    b = _batch()
+    b["weights"] = awr_weights(c.advantage(b["observations"], b["actions"]), 3.0)
+    agent.loss(b)["loss"].backward()
+    assert all(p.grad is None for p in c.parameters())
+    assert all(p.grad is not None for p in agent.parameters())
+
+
+def test_targets_frozen_in_state_dict_and_polyak_exact():
+    c = _critic()
+    targets = [*c.q1_target.parameters(), *c.q2_target.parameters()]
+    assert targets and all(not p.requires_grad for p in targets)
+    sd = c.state_dict()
+    assert any(k.startswith("q1_target.") for k in sd) and any(k.startswith("q2_target.")
+                                                              for k in sd)
+    assert "normalizer.observations.mean" in sd and "normalizer.actions.std" in sd
+    assert set(map(id, c.trainable_parameters())).isdisjoint(map(id, targets))
+    # move the online nets away from the targets, then one Polyak step
+    with torch.no_grad():
+        for p in [*c.q1.parameters(), *c.q2.parameters()]:
+            p.add_(torch.randn_like(p))
+    online = [p.detach().clone() for p in [*c.q1.parameters(), *c.q2.parameters()]]
+    old = [p.detach().clone() for p in targets]
+    c.update_target(0.25)
+    for new, o, th in zip(targets, old, online):
+        torch.testing.assert_close(new, 0.75 * o + 0.25 * th, rtol=0, atol=1e-6)
+        assert not torch.equal(new, o)
+    c.update_target(1.0)
+    for new, th in zip(targets, online):
+        assert torch.equal(new, th)
+
+
+def test_q_is_min_of_target_twins_and_differentiable_in_action():
+    c = _critic()
+    with torch.no_grad():
+        c.q2_target[-1].bias.add_(1.0)  # make the twins differ
+    b = _batch()
+    sa = torch.cat([b["observations"], b["actions"]], -1)  # identity normalisers
+    expected = torch.minimum(c.q1_target(sa), c.q2_target(sa)).squeeze(-1)
+    assert torch.equal(c.q(b["observations"], b["actions"]), expected)
+    a = b["actions"].clone().requires_grad_(True)
+    c.q(b["observations"], a).sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    assert c.advantage(b["observations"], b["actions"]).shape == (8,)
+    # leading shapes are preserved: (B, H, D) -> (B, H)
+    assert c.q(torch.zeros(3, 4, 2), torch.zeros(3, 4, 1)).shape == (3, 4)
+
+
+# ------------------------------------------------------------------ normalisation + checkpoints
+def test_raw_inputs_are_normalised_inside(tmp_path):
+    obs = np.random.default_rng(0).normal(5.0, 3.0, size=(100, 2)).astype(np.float32)
+    act = np.random.default_rng(1).uniform(-2, 2, size=(100, 1)).astype(np.float32)
+    ns = NormalizerSet.fit_arrays({"observations": obs, "actions": act})
+    torch.manual_seed(0)
+    c = IQLCritic(2, 1, CriticConfig(**TINY), ns)
+    x = torch.from_numpy(ns.normalize("observations", obs))
+    torch.testing.assert_close(c.v(obs), c.v_net(x).squeeze(-1))
+
+
+def test_save_load_identical_outputs(tmp_path):
+    obs = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+    act = np.random.default_rng(1).uniform(-1, 1, size=(64, 1)).astype(np.float32)
+    ns = NormalizerSet.fit_arrays({"observations": obs, "actions": act})
+    torch.manual_seed(0)
+    c = IQLCritic(2, 1, CriticConfig(**TINY, expectile=0.8), ns)
+    with torch.no_grad():
+        c.q1_target[0].weight.mul_(1.5)  # targets differ from the online nets
+    c.save(tmp_path / "c")
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert cfg["kind"] == "iql_critic" and cfg["config"]["expectile"] == 0.8
+    d = IQLCritic.load(tmp_path / "c")
+    for a, b in ((c.q(obs, act), d.q(obs, act)), (c.v(obs), d.v(obs)),
+                 (c.q1q2(obs, act)[0], d.q1q2(obs, act)[0])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert d.cfg == c.cfg
+    # the agent too
+    agent = IQLAgent(2, 1, IQLAgentConfig(hidden=16), NormalizerSet.fit_arrays(
+        {"observations": obs, "actions": act}, kind={"actions": "minmax"}))
+    agent.save(tmp_path / "a")
+    agent2 = IQLAgent.load(tmp_path / "a")
+    np.testing.assert_array_equal(agent.act(obs), agent2.act(obs))
+    assert agent2.cfg == agent.cfg
+
+
+def test_checkpoint_errors_name_the_path(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(CheckpointError, match="nope"):
+        IQLCritic.load(missing)
+    c = _critic()
+    c.save(tmp_path / "c")
+    (tmp_path / "c" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=str(tmp_path / "c")):
+        IQLCritic.load(tmp_path / "c")
+    c.save(tmp_path / "c2")
+    (tmp_path / "c2" / "config.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="c2"):
+        IQLCritic.load(tmp_path / "c2")
+    # a checkpoint of another kind, or a config that does not match the weights
+    c.save(tmp_path / "c3")
+    cfg = json.loads((tmp_path / "c3" / "config.json").read_text())
+    (tmp_path / "c3" / "config.json").write_text(json.dumps({**cfg, "kind": "diffuser"}))
+    with pytest.raises(CheckpointError, match="c3.*iql_critic"):
+        IQLCritic.load(tmp_path / "c3")
+    cfg["config"]["hidden"] = 64
+    (tmp_path / "c3" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="c3"):
+        IQLCritic.load(tmp_path / "c3")
+    cfg["config"]["hidden"] = 32
+    cfg["config"]["expectile"] = 2.0
+    (tmp_path / "c3" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="expectile"):
+        IQLCritic.load(tmp_path / "c3")
+    agent = IQLAgent(2, 1, IQLAgentConfig(hidden=8))
+    agent.save(tmp_path / "a")
+    with pytest.raises(CheckpointError, match="iql_agent"):
+        IQLCritic.load(tmp_path / "a")
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("expectile", 1.0), ("expectile", 0.0), ("gamma", 1.5), ("target_tau", 0.0),
+    ("hidden", 0), ("depth", 0), ("steps", 0), ("batch_size", -1), ("lr", 0.0),
+    ("reward_scale", 0.0), ("grad_clip", -1.0), ("seed", -1),
+])
+def test_bad_critic_config_names_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        CriticConfig(**{field: value})
+
+
+@pytest.mark.parametrize(("field", "value"), [("beta", -1.0), ("max_weight", 0.0),
+                                                ("steps", 0), ("hidden", 0)])
+def test_bad_agent_config_names_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        IQLAgentConfig(**{field: value})
+
+
+# ------------------------------------------------------------------ data
+def test_transitions_without_next_observations():
+    obs = np.arange(10, dtype=np.float32).reshape(5, 2)
+    eps = Episodes.from_arrays(obs, np.zeros((5, 1)), np.arange(5.0),
+                               terminals=[0, 1, 0, 0, 0], timeouts=[0, 0, 0, 1, 0])
+    # episodes: [0, 1] (terminal), [2, 3] (time-out), [4] (unterminated tail)
+    t = transitions_from_episodes(eps)
+    np.testing.assert_array_equal(t["rewards"], [0.0, 1.0, 2.0])  # ends w/o s' dropped
+    np.testing.assert_array_equal(t["next_observations"][[0, 2]], obs[[1, 3]])
+    np.testing.assert_array_equal(t["dones"], [0.0, 1.0, 0.0])
+    # with next_observations every step is kept; time-outs optionally terminal
+    eps2 = Episodes.from_arrays(obs, np.zeros((5, 1)), np.arange(5.0), terminals=[0, 1, 0, 0, 0],
+                                timeouts=[0, 0, 0, 1, 0], next_observations=obs + 1)
+    t2 = transitions_from_episodes(eps2, timeouts_as_terminals=True)
+    assert len(t2["rewards"]) == 5
+    np.testing.assert_array_equal(t2["dones"], [0, 1, 0, 1, 0])
+
+
+# ------------------------------------------------------------------ learning
+def test_short_training_ranks_optimal_action_above_random(tmp_path):
+    from diffalign.envs.nav1d_optimum import nav1d_optimum
+
+    torch.manual_seed(0)
+    eps = _nav1d(150)
+    cfg = CriticConfig(hidden=64, depth=2, steps=600, batch_size=128, lr=1e-3,
+                       target_tau=0.02, log_every=100, ckpt_every=0, device="cpu")
+    critic = train_critic(eps, cfg, tmp_path / "critic", progress=False)
+    assert json.loads((tmp_path / "critic" / "config.json").read_text())["kind"] == "iql_critic"
+    obs = eps.observations
+    a_opt = nav1d_optimum()["policy"](obs)
+    a_rand = np.random.default_rng(0).uniform(-1, 1, size=a_opt.shape).astype(np.float32)
+    with torch.no_grad():
+        frac = (critic.q(obs, a_opt) > critic.q(obs, a_rand)).float().mean().item()
+    assert frac > 0.6, frac
+    loaded = IQLCritic.load(tmp_path / "critic")
+    torch.testing.assert_close(loaded.v(obs), critic.v(obs), rtol=0, atol=0)
+
+    # the AWR agent on top of this critic: valid actions, deterministic act is repeatable
+    acfg = IQLAgentConfig(hidden=32, steps=50, batch_size=64, log_every=100, device="cpu")
+    agent = train_iql_agent(eps, acfg, None, critic=critic, progress=False)
+    a = agent.act(obs[:10])
+    assert a.shape == (10, 1) and a.dtype == np.float32 and np.all(np.abs(a) <= 1.0)
+    assert agent.act(obs[0]).shape == (1,)
+    g = torch.Generator().manual_seed(0)
+    s1 = agent.act(obs[:10], deterministic=False, generator=g)
+    s2 = agent.act(obs[:10], deterministic=False, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(s1, s2)
+    assert not np.array_equal(s1, a)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    eps = _nav1d(10)
+    cfg = dict(hidden=16, batch_size=32, log_every=5, ckpt_every=5, device="cpu")
+    full = train_critic(eps, CriticConfig(steps=20, **cfg), tmp_path / "a", progress=False)
+    train_critic(eps, CriticConfig(steps=10, **cfg), tmp_path / "b", progress=False)
+    resumed = train_critic(eps, CriticConfig(steps=20, **cfg), tmp_path / "b", progress=False)
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_critic_command_smoke(tmp_path, capsys):
+    from diffalign.commands.critic import CriticArgs, critic_main
+
+    with pytest.raises(ValueError, match="expectile"):
+        CriticArgs(out=tmp_path / "x", expectile=1.2)
+    args = CriticArgs(out=tmp_path / "c", task="nav1d/full", episodes=8, steps=3, hidden=16,
+                      batch_size=16, device="cpu", progress=False)
+    summary = critic_main(args)
+    out = capsys.readouterr().out
+    assert "loss_q" in out and "mean V" in out
+    for key in ("critic/loss_q", "critic/loss_v", "critic/q_mean", "critic/v_mean",
+                "critic/nav1d/frac_opt_over_random"):
+        assert math.isfinite(summary[key]), key
+    assert summary["transitions"] == 8 * 32
+    IQLCritic.load(tmp_path / "c")
+    assert (tmp_path / "c" / "critic_summary.json").is_file()
