@@ -46,7 +46,27 @@ def _data_nav1d():
     return DataNav1DArgs, data_nav1d_main
 
 
+def _loader(module: str, cfg: str, fn: str):
+    def load():
+        import importlib
+
+        mod = importlib.import_module(f"diffalign.commands.{module}")
+        return getattr(mod, cfg), getattr(mod, fn)
+
+    return load
+
+
 COMMANDS: dict[str, Command] = {
+    "run nav1d": Command("the main job: data, foundation, critic, alignment, cascade, report",
+                         _loader("run", "RunNav1DArgs", "run_nav1d")),
+    "train": Command("train a foundation model (diffuser, dd, dp, synther)",
+                     _loader("train", "TrainArgs", "train_main")),
+    "critic": Command("train an IQL critic on a task's data",
+                      _loader("critic", "CriticArgs", "critic_main")),
+    "evaluate": Command("roll out a model in its environment; write eval.json and a picture",
+                        _loader("evaluate", "EvaluateArgs", "evaluate_main")),
+    "align": Command("align a reference model to a critic (RL, DPO, SFT, cascade; LoRA)",
+                     _loader("align", "AlignArgs", "align_main")),
     "toy": Command("train the 2-D toy with one process; samples, paths, energy distance", _toy),
     "nav1d optimum": Command("the Nav1D optimum by dynamic programming (and random return)",
                              _nav1d_optimum),

@@ -216,7 +216,7 @@ class RLMethod:
                 if cfg.kl_coef > 0:
                     kl = self._kl(st, out.chain[k], t, tp, cond, free)
                     loss = loss + cfg.kl_coef * kl.mean() / len(active)
-                    stats["kl"] += float(kl.mean())
+                    stats["kl"] += float(kl.detach().mean())
                 loss.backward()  # one step at a time: memory flat in the step count
                 stats["loss"] += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
@@ -273,5 +273,6 @@ class RLMethod:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
-        return {"reward": float(reward.mean()), "loss": float(loss), "kl": float(kl.mean()),
+        return {"reward": float(reward.mean()), "loss": float(loss.detach()),
+                "kl": float(kl.detach().mean()),
                 "grad_last_k": k_grad}

@@ -1,0 +1,146 @@
+"""Align a saved reference model with a saved critic: the library side of ``diffalign align``.
+
+Output directory::
+
+    OUT/adapter/        adapter_model.safetensors + adapter_config.json (the LoRA adapter)
+    OUT/cascade/        refiner.safetensors + config.json (when the cascade is trained)
+    OUT/merged/         a plain model checkpoint with the adapter merged (``merge=True``)
+    OUT/align.json      stages (validation reward, iterations, seconds), events, settings
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..atomic import write_json
+from ..train.checkpoint import CheckpointError, load_tensors, save_tensors
+from .cascade import CascadeConfig, CascadeModel, build_refiner, train_cascade
+from .common import AlignSetup, condition_pool, freeze, validation_reward
+from .dpo import DPOConfig
+from .lora import add_lora, load_adapter, merge_lora, save_adapter
+from .rl import RLConfig
+from .sequence import SequenceConfig, StageResult, run_sequence
+from .sft import SFTConfig
+
+__all__ = ["AlignConfig", "AlignResult", "align", "load_aligned", "load_cascade"]
+
+
+@dataclass
+class AlignConfig:
+    """Everything an alignment run needs besides the reference and the critic."""
+
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    """Methods, passes, plateau and guard settings."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """RL settings."""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    """DPO settings."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """SFT settings."""
+    cascade: CascadeConfig | None = field(default_factory=CascadeConfig)
+    """Cascade settings; None skips the cascade."""
+    lora_rank: int = 8
+    """Rank of the shared LoRA adapter."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator."""
+    conditions: int = 512
+    """Dataset states the alignment optimises on."""
+    val_conditions: int = 128
+    """Held-out dataset states for the validation reward."""
+    steps: int | None = None
+    """Denoising steps while aligning (None: the model's default)."""
+    seed: int = 0
+    """Seed of conditions, sampling and updates."""
+
+
+@dataclass
+class AlignResult:
+    """What :func:`align` produced."""
+
+    model: object
+    """The reference model whose ``net`` now carries the trained adapter (in place)."""
+    net: torch.nn.Module
+    """The LoRA-wrapped denoiser."""
+    stages: list[StageResult]
+    events: list[dict]
+    reference_reward: float
+    cascade: CascadeModel | None = None
+    cascade_wall_s: float = 0.0
+
+
+def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None = None,
+          on_stage_end=None, progress: bool = True, merge: bool = False) -> AlignResult:
+    """Run the alignment sequence (and the cascade) on ``model`` against ``critic``."""
+    freeze(model)
+    freeze(critic)
+    states = condition_pool(episodes, model.spec.obs_history, cfg.conditions, seed=cfg.seed)
+    val = condition_pool(episodes, model.spec.obs_history, cfg.val_conditions,
+                         seed=cfg.seed + 1)
+    setup = AlignSetup(model=model, critic=critic, states=states.to(model.device),
+                       val_states=val.to(model.device), steps=cfg.steps)
+    torch.manual_seed(cfg.seed)
+    net = add_lora(model.net, r=cfg.lora_rank, alpha=cfg.lora_alpha)
+    ref_reward, _ = validation_reward(setup, net=net)
+    stages, events, _ = run_sequence(setup, net, cfg.sequence,
+                                     {"rl": cfg.rl, "dpo": cfg.dpo, "sft": cfg.sft},
+                                     seed=cfg.seed, on_stage_end=on_stage_end,
+                                     progress=progress)
+    result = AlignResult(model=model, net=net, stages=stages, events=events,
+                         reference_reward=ref_reward)
+    refiner = None
+    if cfg.cascade is not None:
+        t0 = time.perf_counter()
+        refiner = train_cascade(setup, net, cfg.cascade, seed=cfg.seed, progress=progress)
+        result.cascade_wall_s = time.perf_counter() - t0
+        result.cascade = CascadeModel(model, net, refiner)
+    if out_dir is not None:
+        out = Path(out_dir)
+        save_adapter(net, out / "adapter", extra={"reference_spec": model.spec.to_dict()})
+        if refiner is not None:
+            save_tensors(out / "cascade" / "refiner.safetensors", refiner.state_dict())
+            write_json(out / "cascade" / "config.json", {"kind": "cascade_refiner",
+                                                         "extra_dim": refiner.extra_dim})
+        write_json(out / "align.json", {
+            "reference_val_reward": ref_reward,
+            "stages": [{k: v for k, v in asdict(s).items() if k != "history"} for s in stages],
+            "events": events,
+            "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        })
+        if merge:
+            merged_model = _merged_copy(model, net)
+            merged_model.save(out / "merged")
+    return result
+
+
+def _merged_copy(model, net):
+    """A copy of ``model`` whose net has the adapter folded into its weights."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    clone.net = merge_lora(copy.deepcopy(net))
+    return clone
+
+
+def load_aligned(ref_dir: str | Path, align_dir: str | Path, device: str = "cpu"):
+    """The reference model from ``ref_dir`` with the adapter of ``align_dir`` (in place)."""
+    from ..models.base import ControlModel
+
+    model = ControlModel.load(ref_dir, device=device)
+    freeze(model)
+    load_adapter(model.net, Path(align_dir) / "adapter")
+    return model
+
+
+def load_cascade(model, align_dir: str | Path) -> CascadeModel:
+    """The cascade of ``align_dir`` appended after an aligned ``model``."""
+    path = Path(align_dir) / "cascade" / "refiner.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{align_dir} has no trained cascade ({path} is missing)")
+    refiner = build_refiner(model)
+    refiner.load_state_dict(load_tensors(path, device=model.device))
+    return CascadeModel(model, model.net, refiner.eval())

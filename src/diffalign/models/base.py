@@ -1,0 +1,299 @@
+"""The ``ControlModel`` protocol shared by every diffusion model for control (DESIGN §3).
+
+A control model owns one denoiser ``net`` (the only module alignment/LoRA touches), one
+stateless diffusion ``process`` and the ``normalizers`` of its data. Everything that crosses
+its public boundary from or to the environment is RAW (env space); samples ``x`` live in the
+normalised space the net was trained in.
+
+Batch convention of :meth:`ControlModel.sample`: ``n`` samples per row, row-major, so row
+``b * n + j`` is candidate ``j`` of state ``b`` (``B * n`` rows in all).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..data.normalizer import NormalizerSet
+from ..processes import PROCESSES, DiffusionProcess, Inpaint, SampleOutput, build_process
+
+__all__ = ["KINDS", "REWARD_MODES", "Cond", "ControlModel", "ModelSpec"]
+
+KINDS = ("diffuser", "dd", "dp")
+"""Model kinds behind this protocol (SynthER is separate)."""
+BACKBONE_NAMES = ("unet", "dit", "mlp")
+"""Denoiser backbones (see :mod:`diffalign.nets`)."""
+REWARD_MODES = ("mean", "discounted")
+"""How a plan's Q-values are reduced to one reward R(x0)."""
+NORMALIZER_PREFIX = "normalizer."
+"""Key prefix of the normaliser tensors inside ``model.safetensors``."""
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a control model (JSON-serialisable)."""
+
+    kind: str
+    """Model kind: "diffuser" (state-action plans), "dd" (Decision Diffuser: state plans +
+    inverse dynamics) or "dp" (Diffusion Policy: action chunks)."""
+    process: str
+    """Diffusion process: "ddpm", "ddim", "sm" or "fm"."""
+    backbone: str
+    """Denoiser backbone: "unet", "dit" or "mlp"."""
+    horizon: int
+    """Planning horizon H (diffuser/dd) or prediction horizon T_p (dp)."""
+    obs_history: int
+    """T_o: observations conditioned on (dp) / context states in-painted (planners)."""
+    action_horizon: int
+    """T_a: actions executed per decision (dp); planners use 1 (replan every step)."""
+    backbone_kwargs: dict = field(default_factory=dict)
+    """Size arguments of the backbone (x_dim/horizon/cond_dim are derived)."""
+    process_kwargs: dict = field(default_factory=dict)
+    """Constructor arguments of the process (e.g. num_train_steps, clip_x0, eta)."""
+    normalizer: str = "minmax"
+    """Normaliser kind of observations and actions: "minmax" ([-1, 1]) or "gaussian"."""
+    prefix_masks: bool = True
+    """Planners: train with random causal prefix masks of known states (in-painting)."""
+    reward_mode: str = "mean"
+    """Planners' R(x0): "mean" Q along the plan or "discounted" sum."""
+    discount: float = 0.99
+    """Discount of reward_mode="discounted"."""
+    inv_dyn_hidden: int = 128
+    """Decision Diffuser: hidden width of the inverse-dynamics MLP."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown model kind {self.kind!r}; choose one of {KINDS}")
+        if self.process not in PROCESSES:
+            raise ValueError(f"unknown process {self.process!r}; choose one of "
+                             f"{tuple(sorted(PROCESSES))}")
+        if self.backbone not in BACKBONE_NAMES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of "
+                             f"{BACKBONE_NAMES}")
+        for name in ("horizon", "obs_history", "action_horizon"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {name}={v!r}")
+        if self.kind == "dp":
+            if self.action_horizon > self.horizon:
+                raise ValueError(f"action_horizon={self.action_horizon} must be <= horizon="
+                                 f"{self.horizon} (T_a <= T_p) for kind='dp'")
+        else:
+            # context states at 0..K-1, executed actions at K-1..K-2+T_a; DD needs s_{t+1}
+            need = self.obs_history + self.action_horizon - (1 if self.kind == "diffuser" else 0)
+            if need > self.horizon:
+                raise ValueError(
+                    f"kind={self.kind!r} needs horizon >= {need} for obs_history="
+                    f"{self.obs_history} and action_horizon={self.action_horizon}, "
+                    f"got horizon={self.horizon}")
+        if self.normalizer not in ("minmax", "gaussian"):
+            raise ValueError(f"normalizer must be 'minmax' or 'gaussian', got "
+                             f"normalizer={self.normalizer!r}")
+        if self.reward_mode not in REWARD_MODES:
+            raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got "
+                             f"reward_mode={self.reward_mode!r}")
+        if not 0.0 < self.discount <= 1.0:
+            raise ValueError(f"discount must be in (0, 1], got discount={self.discount}")
+        if self.inv_dyn_hidden < 1:
+            raise ValueError(f"inv_dyn_hidden must be >= 1, got {self.inv_dyn_hidden}")
+        self.backbone_kwargs = _jsonable(dict(self.backbone_kwargs))
+        self.process_kwargs = _jsonable(dict(self.process_kwargs))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelSpec fields {unknown}")
+        return cls(**d)
+
+
+def _jsonable(d: dict) -> dict:
+    """Tuples -> lists so that a spec equals its JSON round trip."""
+    return json.loads(json.dumps(d))
+
+
+@dataclass
+class Cond:
+    """How a model is conditioned on one batch of observation histories."""
+
+    cond: Tensor | None
+    """Global condition vector ``(B, cond_dim)`` fed to the backbone (dp), else None."""
+    inpaint: Inpaint | None
+    """Known entries re-imposed while sampling (planners), else None."""
+    shape: tuple[int, int]
+    """``(H, D)`` of one sample."""
+
+
+class ControlModel(nn.Module):
+    """Base class of the diffusion models for control; see the module docstring."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, spec: ModelSpec, obs_dim: int, act_dim: int,
+                 normalizers: NormalizerSet | None = None, meta: dict | None = None) -> None:
+        super().__init__()
+        if spec.kind != self.kind:
+            raise ValueError(f"{type(self).__name__} needs spec.kind={self.kind!r}, "
+                             f"got {spec.kind!r}")
+        if obs_dim < 1 or act_dim < 1:
+            raise ValueError(f"obs_dim and act_dim must be >= 1, got obs_dim={obs_dim}, "
+                             f"act_dim={act_dim}")
+        self.spec = spec
+        self.obs_dim = int(obs_dim)
+        self.act_dim = int(act_dim)
+        self.process: DiffusionProcess = build_process(spec.process, **spec.process_kwargs)
+        self.normalizers = normalizers if normalizers is not None else NormalizerSet()
+        self.meta: dict = dict(meta or {})
+        """Task information (task string, dataset kind, layout seed, env id)."""
+        self.net: nn.Module = self._build_net()
+
+    # ------------------------------------------------------------------ to implement
+    def _build_net(self) -> nn.Module:
+        raise NotImplementedError
+
+    def make_dataset(self, episodes) -> Any:
+        """Training windows (normalisers are fitted here if they are not yet)."""
+        raise NotImplementedError
+
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None
+             ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def condition(self, obs_hist: Tensor) -> Cond:
+        raise NotImplementedError
+
+    def actions_from_x(self, x: Tensor, obs_hist: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def plan_states_actions(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        return None, None
+
+    def reward(self, x: Tensor, obs_hist: Tensor, critic) -> Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _fit_normalizers(self, episodes) -> None:
+        """Check the dataset's dims against the model; fit normalisers on first use."""
+        if episodes.obs_dim != self.obs_dim or episodes.act_dim != self.act_dim:
+            raise ValueError(
+                f"dataset dims (obs_dim={episodes.obs_dim}, act_dim={episodes.act_dim}) do not "
+                f"match the model (obs_dim={self.obs_dim}, act_dim={self.act_dim})")
+        if "observations" not in self.normalizers or "actions" not in self.normalizers:
+            self.normalizers = NormalizerSet.fit_episodes(
+                episodes, ("observations", "actions"), kind=self.spec.normalizer)
+
+    def norm(self, field_name: str, x: Tensor) -> Tensor:
+        return self.normalizers.normalize(field_name, x)
+
+    def unnorm(self, field_name: str, x: Tensor) -> Tensor:
+        return self.normalizers.unnormalize(field_name, x)
+
+    def _check_hist(self, obs_hist: Tensor) -> Tensor:
+        obs_hist = torch.as_tensor(obs_hist, dtype=torch.float32, device=self.device)
+        if obs_hist.dim() == 2:
+            obs_hist = obs_hist[:, None]
+        k = self.spec.obs_history
+        if obs_hist.dim() != 3 or obs_hist.shape[-1] != self.obs_dim or obs_hist.shape[1] < 1:
+            raise ValueError(f"obs_hist must have shape (B, {k}, {self.obs_dim}), got "
+                             f"{tuple(obs_hist.shape)}")
+        if obs_hist.shape[1] < k:  # pad the front by repeating the oldest observation
+            pad = obs_hist[:, :1].expand(-1, k - obs_hist.shape[1], -1)
+            obs_hist = torch.cat([pad, obs_hist], 1)
+        return obs_hist[:, -k:]
+
+    @staticmethod
+    def _match_rows(t: Tensor, rows: int) -> Tensor:
+        """Repeat ``t`` (B, ...) row-major to ``rows = B * n`` rows when needed."""
+        if t.shape[0] == rows:
+            return t
+        if rows % t.shape[0]:
+            raise ValueError(f"cannot match {t.shape[0]} observation rows to {rows} samples")
+        return t.repeat_interleave(rows // t.shape[0], 0)
+
+    def sample(self, obs_hist: Tensor, n: int = 1, generator: torch.Generator | None = None,
+               steps: int | None = None, grad_last_k: int | None = None,
+               return_chain: bool = False, net: nn.Module | None = None) -> SampleOutput:
+        """``n`` samples per row of ``obs_hist`` (B, T_o, obs_dim), RAW; ``x`` normalised."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got n={n}")
+        c = self.condition(obs_hist)
+        b = (c.cond if c.cond is not None else c.inpaint.value).shape[0]
+        cond = None if c.cond is None else c.cond.repeat_interleave(n, 0)
+        inpaint = None
+        if c.inpaint is not None:
+            mask = c.inpaint.mask
+            if mask.shape[0] != 1:
+                mask = mask.repeat_interleave(n, 0)
+            inpaint = Inpaint(value=c.inpaint.value.repeat_interleave(n, 0), mask=mask)
+        return self.process.sample(
+            self.net if net is None else net, (b * n, *c.shape), cond=cond, steps=steps,
+            inpaint=inpaint, generator=generator, return_chain=return_chain,
+            grad_last_k=grad_last_k, device=self.device)
+
+    def _batch_to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        dev = self.device
+        return {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ persistence
+    def config_dict(self) -> dict:
+        return {"format": "diffalign.control_model", "version": 1, "kind": self.kind,
+                "spec": self.spec.to_dict(), "obs_dim": self.obs_dim, "act_dim": self.act_dim,
+                "meta": self.meta}
+
+    def save(self, directory: str | Path, extra_config: dict | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (weights and normalisers)."""
+        from ..train.checkpoint import save_model
+
+        if "observations" not in self.normalizers:
+            raise ValueError("cannot save a model whose normalisers are not fitted "
+                             "(call make_dataset(episodes) first)")
+        cfg = self.config_dict()
+        if extra_config:
+            cfg.update(extra_config)
+        return save_model(directory, self, cfg,
+                          extra_tensors=self.normalizers.to_tensors(NORMALIZER_PREFIX))
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> ControlModel:
+        """Rebuild a saved model; on the base class the kind is read from ``config.json``."""
+        from ..train.checkpoint import CheckpointError, load_model_files
+        from .registry import model_class
+
+        config, tensors = load_model_files(directory, device="cpu")
+        try:
+            spec = ModelSpec.from_dict(config["spec"])
+            obs_dim, act_dim = int(config["obs_dim"]), int(config["act_dim"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{directory}/config.json is not a control-model config: "
+                                  f"{e!r}") from e
+        klass = model_class(spec.kind)
+        if cls is not ControlModel and not issubclass(klass, cls):
+            raise CheckpointError(f"{directory} holds a {spec.kind!r} model, not a "
+                                  f"{cls.kind!r} model")
+        normalizers = NormalizerSet.from_tensors(tensors, NORMALIZER_PREFIX)
+        if "observations" not in normalizers or "actions" not in normalizers:
+            raise CheckpointError(f"{directory}/model.safetensors has no normalisers")
+        model = klass(spec, obs_dim, act_dim, normalizers=normalizers,
+                      meta=config.get("meta") or {})
+        state = {k: v for k, v in tensors.items() if not k.startswith(NORMALIZER_PREFIX)}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{directory}/model.safetensors does not match its config: "
+                                  f"{e}") from e
+        return model.to(device).eval()

@@ -1,0 +1,115 @@
+"""Diffuser (Janner et al. 2022): diffuse state-action trajectories, in-paint the present.
+
+``x`` is a normalised trajectory ``(H, obs_dim + act_dim)``, states first. The current state
+(and ``obs_history - 1`` past states before it) is in-painted at positions ``0 .. K-1``; the
+executed action is the one at position ``K - 1`` (of the best of N candidates), and the model
+replans at every environment step. Because it replans every step with a fixed horizon H, an
+episode longer than H is handled by a sliding window automatically: each plan covers the next
+H steps only.
+
+Training windows run past an episode's end with edge padding (the last step repeated) and the
+padding is learned, so a plan near the end of an episode continues with a constant state
+instead of leaving the data (the evaluation excludes those positions from coherency).
+With ``spec.prefix_masks`` (default) training in-paints a random causal prefix of
+``K .. max(K, H // 4)`` states, so the model learns in-painting from a few known steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..data.windows import make_windows
+from ..nets import build_backbone
+from ..processes.inpainting import prefix_inpaint, random_prefix_mask
+from .base import Cond, ControlModel
+
+__all__ = ["Diffuser", "Planner"]
+
+
+class Planner(ControlModel):
+    """Shared parts of the trajectory planners (Diffuser, Decision Diffuser)."""
+
+    @property
+    def x_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def window_keys(self) -> tuple[str, ...]:
+        return ("observations", "actions")
+
+    def _build_net(self) -> nn.Module:
+        return _backbone(self.spec, x_dim=self.x_dim, horizon=self.spec.horizon)
+
+    def make_dataset(self, episodes):
+        self._fit_normalizers(episodes)
+        return make_windows(episodes, self.spec.horizon, obs_history=1, keys=self.window_keys,
+                            pad="edge", normalizers=self.normalizers)
+
+    def _known(self, batch: int, generator: torch.Generator | None) -> Tensor:
+        """Known (in-painted) entries for training: a causal prefix of states."""
+        k, h = self.spec.obs_history, self.spec.horizon
+        hi = max(k, h // 4) if self.spec.prefix_masks else k
+        return random_prefix_mask(batch, h, self.x_dim, dims=slice(0, self.obs_dim),
+                                  min_prefix=k, max_prefix=hi, generator=generator,
+                                  device=self.device)
+
+    def _diffusion_loss(self, x0: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        known = self._known(x0.shape[0], generator)
+        return self.process.loss(self.net, x0, known=known, generator=generator)
+
+    def condition(self, obs_hist: Tensor) -> Cond:
+        hist = self.norm("observations", self._check_hist(obs_hist))
+        ip = prefix_inpaint(hist, self.spec.horizon, self.x_dim, slice(0, self.obs_dim))
+        return Cond(cond=None, inpaint=ip, shape=(self.spec.horizon, self.x_dim))
+
+    def plan_states(self, x: Tensor) -> Tensor:
+        """RAW plan states ``(B, H, obs_dim)``."""
+        return self.unnorm("observations", x[..., : self.obs_dim])
+
+    def reward(self, x: Tensor, obs_hist: Tensor, critic) -> Tensor:
+        """R(x0) = mean (or discounted sum) of Q(ŝ_t, â_t) from the current step on, ``(B,)``."""
+        states, actions = self.plan_states_actions(x)
+        k = self.spec.obs_history - 1
+        states, actions = states[:, k:], actions[:, k:]
+        b, h = states.shape[:2]
+        q = critic.q(states.reshape(b * h, -1), actions.reshape(b * h, -1)).reshape(b, h)
+        if self.spec.reward_mode == "mean":
+            return q.mean(1)
+        w = self.spec.discount ** torch.arange(h, device=q.device, dtype=q.dtype)
+        return (q * w).sum(1)
+
+
+class Diffuser(Planner):
+    """State-action trajectory diffusion with in-painted current state (see module doc)."""
+
+    kind = "diffuser"
+
+    @property
+    def x_dim(self) -> int:
+        return self.obs_dim + self.act_dim
+
+    def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None
+             ) -> dict[str, Tensor]:
+        batch = self._batch_to_device(batch)
+        out = self._diffusion_loss(batch["x"], generator)
+        return {"loss": out["loss"]}
+
+    def actions_from_x(self, x: Tensor, obs_hist: Tensor | None = None) -> Tensor:
+        """RAW actions ``(B, T_a, act_dim)`` at positions ``K-1 .. K-2+T_a``."""
+        k = self.spec.obs_history - 1
+        a = x[:, k : k + self.spec.action_horizon, self.obs_dim :]
+        return self.unnorm("actions", a)
+
+    def plan_states_actions(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.plan_states(x), self.unnorm("actions", x[..., self.obs_dim :])
+
+
+def _backbone(spec, x_dim: int, horizon: int, cond_dim: int = 0) -> nn.Module:
+    """Build the spec's backbone; bad size arguments become a ValueError naming them."""
+    try:
+        return build_backbone(spec.backbone, x_dim=x_dim, horizon=horizon, cond_dim=cond_dim,
+                              **spec.backbone_kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad backbone_kwargs {spec.backbone_kwargs} for backbone "
+                         f"{spec.backbone!r}: {e}") from e

@@ -1,0 +1,194 @@
+"""Alignment methods on a tiny Nav1D Diffusion Policy: each raises the reward over its
+reference, only the LoRA adapter changes, the reference is untouched, guards restore."""
+
+import math
+
+import pytest
+import torch
+
+from diffalign.align.cascade import CascadeConfig, CascadeModel, build_refiner, train_cascade
+from diffalign.align.common import AlignSetup, condition_pool, freeze, validation_reward
+from diffalign.align.dpo import DPOConfig, DPOMethod
+from diffalign.align.guards import Guard, GuardConfig
+from diffalign.align.lora import add_lora, lora_parameters, reference, remove_lora
+from diffalign.align.rl import RLConfig, RLMethod
+from diffalign.align.sequence import SequenceConfig, run_sequence
+from diffalign.align.sft import SFTConfig, SFTMethod
+from diffalign.models.registry import build_model
+from diffalign.tasks import resolve_task
+
+pytest.importorskip("peft")
+
+
+class TargetActionCritic(torch.nn.Module):
+    """A known reward: Q(s, a) = −(a − 0.6)², differentiable in the action."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def q(self, obs, act):
+        return -((act[..., 0] - 0.6) ** 2) + 0 * self.dummy
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    task = resolve_task("nav1d/full", episodes=200)
+    model = build_model("dp", "ddpm", None, task.obs_dim, task.act_dim,
+                        process_kwargs={"default_steps": 10})
+    ds = model.make_dataset(task.episodes)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(250):
+        loss = model.loss(ds.sample(64, g), g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    states = condition_pool(task.episodes, model.spec.obs_history, 256, seed=0)
+    val = condition_pool(task.episodes, model.spec.obs_history, 64, seed=1)
+    return model, model.net.state_dict(), states, val
+
+
+def _setup(trained):
+    model, state, states, val = trained
+    model.net.load_state_dict(state)
+    freeze(model)
+    torch.manual_seed(0)  # LoRA A matrices are drawn from the global generator
+    net = add_lora(model.net, r=4)
+    setup = AlignSetup(model=model, critic=freeze(TargetActionCritic()), states=states,
+                       val_states=val, steps=5)
+    return setup, net
+
+
+def _unwrap(trained, net):
+    # undo the in-place injection so the next test starts from the plain reference net
+    remove_lora(net)
+
+
+@pytest.mark.parametrize("method", ["ppo", "reinforce", "qvpg", "dpo", "sft"])
+def test_each_method_raises_reward_over_reference(trained, method):
+    setup, net = _setup(trained)
+    base = {k: v.clone() for k, v in net.get_base_model().state_dict().items()
+            if "lora_" not in k}
+    ref_reward, _ = validation_reward(setup, net=net)
+    g = torch.Generator().manual_seed(0)
+    if method in ("ppo", "reinforce", "qvpg"):
+        m = RLMethod(setup, net, RLConfig(algo=method, states_per_iter=16, group_size=8,
+                                          lr=3e-3, kl_coef=0.0), g)
+        iters = 12
+    elif method == "dpo":
+        m = DPOMethod(setup, net, DPOConfig(states_per_iter=32, candidates=8, lr=3e-3,
+                                            beta=200.0), g)
+        iters = 12
+    else:
+        m = SFTMethod(setup, net, SFTConfig(states_per_round=32, candidates=8, lr=3e-3,
+                                            epochs=6), g)
+        iters = 5
+    for _ in range(iters):
+        stats = m.step()
+        assert all(math.isfinite(v) for v in stats.values() if isinstance(v, float))
+    new_reward, _ = validation_reward(setup, net=net)
+    assert new_reward > ref_reward + 0.25 * abs(ref_reward), (method, ref_reward, new_reward)
+    # only adapter parameters changed; the reference (adapter off) is the original model
+    after = {k: v for k, v in net.get_base_model().state_dict().items() if "lora_" not in k}
+    for k, v in base.items():
+        assert torch.equal(after[k], v), k
+    with reference(net):
+        again, _ = validation_reward(setup, net=net)
+    assert again == pytest.approx(ref_reward, abs=1e-6)
+    _unwrap(trained, net)
+
+
+def test_kl_term_keeps_closer_to_reference(trained):
+    def drift(kl):
+        setup, net = _setup(trained)
+        g = torch.Generator().manual_seed(0)
+        m = RLMethod(setup, net, RLConfig(algo="ppo", states_per_iter=16, lr=3e-3, kl_coef=kl,
+                                          ppo_epochs=1), g)
+        for _ in range(5):
+            m.step()
+        obs = setup.val_states
+        with torch.no_grad():
+            x = setup.model.sample(obs, generator=torch.Generator().manual_seed(3), net=net).x0
+            with reference(net):
+                x_ref = setup.model.sample(obs, generator=torch.Generator().manual_seed(3),
+                                           net=net).x0
+        _unwrap(trained, net)
+        return float((x - x_ref).pow(2).mean())
+
+    assert drift(5.0) < drift(0.0)
+
+
+def test_guard_restores_after_injected_collapse(trained):
+    setup, net = _setup(trained)
+    params = lora_parameters(net)
+    guard = Guard(params, reference_reward=-1.0, cfg=GuardConfig())
+    guard.observe(-0.5)
+    good = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.add_(float("nan"))
+    opt = torch.optim.Adam(params, lr=1e-3)
+    reason = guard.loss_spiked(float("nan"))
+    assert reason and "non-finite" in reason
+    ev = guard.handle_collapse(reason, opt, "rl", 3)
+    assert all(torch.equal(p, q) for p, q in zip(params, good))
+    assert ev["new_lr"] == pytest.approx(5e-4) and guard.events == [ev]
+    assert guard.reward_collapsed(-2.0) is not None and guard.reward_collapsed(-0.55) is None
+    for _ in range(6):
+        assert guard.loss_spiked(1.0) is None
+    assert "spike" in guard.loss_spiked(1000.0)
+    _unwrap(trained, net)
+
+
+def test_sequence_runs_methods_and_records_injected_collapse(trained, monkeypatch):
+    setup, net = _setup(trained)
+    calls = {"n": 0}
+    orig = SFTMethod.step
+
+    def bad_step(self):
+        calls["n"] += 1
+        out = orig(self)
+        if calls["n"] == 2:  # poison the adapter once: the guard must undo it
+            with torch.no_grad():
+                for p in lora_parameters(self.net):
+                    p.add_(float("nan"))
+            out["loss"] = float("nan")
+        return out
+
+    monkeypatch.setattr(SFTMethod, "step", bad_step)
+    seq = SequenceConfig(methods=("rl", "sft"), passes=1, max_iters=6, eval_every=2,
+                         patience=3)
+    cfgs = {"rl": RLConfig(states_per_iter=16, lr=3e-3, kl_coef=0.0),
+            "sft": SFTConfig(states_per_round=16, candidates=8, lr=3e-3, epochs=2)}
+    ref_reward, _ = validation_reward(setup, net=net)
+    stages, events, guard = run_sequence(setup, net, seq, cfgs, progress=False)
+    assert [s.name for s in stages] == ["rl", "sft"]
+    assert any(e["kind"] == "collapse" and e["stage"] == "sft" for e in events)
+    final, _ = validation_reward(setup, net=net)
+    assert math.isfinite(final) and final >= ref_reward
+    assert final == pytest.approx(guard.best_reward, abs=1e-6)
+    _unwrap(trained, net)
+
+
+def test_cascade_starts_equal_to_reference_and_trains(trained):
+    setup, net = _setup(trained)
+    refiner = build_refiner(setup.model, net)
+    obs = setup.val_states[:4]
+    x = torch.randn(4, *setup.model.condition(obs).shape)
+    t = torch.full((4,), 0.5)
+    cond = setup.model.condition(obs).cond
+    with torch.no_grad(), reference(net):
+        want = net(x, t, cond=cond)
+    got = refiner(x, t, cond=cond, extra=torch.randn_like(x))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    ref = train_cascade(setup, net, CascadeConfig(rounds=1, steps_per_round=3,
+                                                  states_per_round=8), progress=False)
+    with pytest.warns(UserWarning, match="unstable"):
+        CascadeModel(setup.model, net, ref, passes=2)
+    casc = CascadeModel(setup.model, net, ref)
+    out = casc.sample(obs, n=2, generator=torch.Generator().manual_seed(0))
+    assert out.x0.shape[0] == 8 and torch.isfinite(out.x0).all()
+    _unwrap(trained, net)

@@ -1,0 +1,242 @@
+"""Control models (Diffuser, Decision Diffuser, Diffusion Policy), registry and selection."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffalign.data.nav1d_datasets import generate_nav1d_dataset, nav1d_dataset_attrs, to_episodes
+from diffalign.models import (
+    ControlModel,
+    ModelSpec,
+    build_model,
+    expectation,
+    greedy_index,
+    select_actions,
+    softmax_index,
+)
+from diffalign.train.checkpoint import CheckpointError
+
+KINDS = ("diffuser", "dd", "dp")
+PROCESSES = ("ddpm", "ddim", "sm", "fm")
+TINY = {
+    "unet": {"dim": 8, "dim_mults": [1, 2]},
+    "dit": {"hidden": 16, "depth": 1, "heads": 2},
+    "mlp": {"width": 32, "depth": 1},
+}
+
+
+def tiny_model(kind: str, process: str = "ddpm", backbone: str | None = None, **kw):
+    backbone = backbone or ("dit" if kind == "dp" else "unet")
+    horizon = kw.pop("horizon", 4 if kind == "dp" else 8)
+    return build_model(kind, process, backbone, obs_dim=2, act_dim=1, horizon=horizon,
+                       backbone_kwargs=TINY[backbone], **kw)
+
+
+@pytest.fixture(scope="module")
+def episodes():
+    data = generate_nav1d_dataset("full", episodes=20, seed=1)
+    return to_episodes(data, nav1d_dataset_attrs("full", seed=1, episodes=20))
+
+
+def _train(model, episodes, steps=2, seed=0):
+    ds = model.make_dataset(episodes)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(steps):
+        out = model.loss(ds.sample(16, g), generator=g)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    return out
+
+
+@pytest.mark.parametrize("process", PROCESSES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_and_process_trains_and_samples(kind, process, episodes):
+    torch.manual_seed(0)
+    model = tiny_model(kind, process)
+    out = _train(model, episodes)
+    assert torch.isfinite(out["loss"])
+    obs = torch.from_numpy(episodes.observations[[0, 40, 77]])  # 3 states
+    g = torch.Generator().manual_seed(0)
+    sample = model.sample(obs[:, None], n=2, generator=g, steps=3)
+    h, d = model.spec.horizon, {"diffuser": 3, "dd": 2, "dp": 1}[kind]
+    assert sample.x0.shape == (6, h, d)
+    acts = model.actions_from_x(sample.x0, obs[:, None])
+    assert acts.shape == (6, model.spec.action_horizon, 1)
+    states, actions = model.plan_states_actions(sample.x0)
+    if kind == "dp":
+        assert states is None and actions is None
+    else:
+        assert states.shape == (6, h, 2) and actions.shape == (6, h, 1)
+        # the in-painted current state is exactly the given one (row b*n+j <- state b)
+        given = obs.repeat_interleave(2, 0)
+        np.testing.assert_allclose(states[:, 0].numpy(), given.numpy(), atol=1e-6)
+
+
+def test_dd_inverse_dynamics_is_trained_jointly(episodes):
+    torch.manual_seed(0)
+    model = tiny_model("dd")
+    out = _train(model, episodes)
+    assert {"loss", "loss_diffusion", "loss_inv_dyn"} <= set(out)
+    assert torch.allclose(out["loss"].detach(), out["loss_diffusion"] + out["loss_inv_dyn"])
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.inv_dyn.parameters())
+
+
+def test_sample_with_net_override_and_grad_last_k(episodes):
+    torch.manual_seed(0)
+    model = tiny_model("dp", "fm", "mlp")
+    model.make_dataset(episodes)
+    obs = torch.from_numpy(episodes.observations[:2])
+    other = tiny_model("dp", "fm", "mlp").net  # different random weights
+    g1, g2, g3 = (torch.Generator().manual_seed(3) for _ in range(3))
+    a = model.sample(obs, 2, generator=g1, steps=3).x0
+    a2 = model.sample(obs, 2, generator=g2, steps=3).x0
+    b = model.sample(obs, 2, generator=g3, steps=3, net=other).x0
+    assert torch.equal(a, a2) and not torch.equal(a, b)
+    out = model.sample(obs, 2, steps=3, grad_last_k=1)
+    out.x0.sum().backward()
+    assert any(p.grad is not None for p in model.net.parameters())
+
+
+def test_learnability_dp_beats_random_policy():
+    """A seconds-long Diffusion Policy run on nav1d/expert clearly beats the random policy."""
+    from diffalign.envs.nav1d_optimum import nav1d_optimum
+    from diffalign.eval.rollout import rollout
+    from diffalign.tasks import resolve_task
+
+    torch.manual_seed(0)
+    task = resolve_task("nav1d/expert", episodes=200)
+    model = build_model("dp", "ddim", "mlp", obs_dim=2, act_dim=1, horizon=4, obs_history=1,
+                        action_horizon=2, backbone_kwargs={"width": 128, "depth": 2})
+    ds = model.make_dataset(task.episodes)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    for _ in range(400):
+        loss = model.loss(ds.sample(128, g), generator=g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    res = rollout(model, task.make_env, episodes=30, candidates=4, steps=5,
+                  selection="expectation", seed=123)
+    random_return = nav1d_optimum(0)["random_return"]  # 6.10
+    assert res.returns.mean() > random_return + 3.0, (res.returns.mean(), random_return)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_identical_actions(kind, episodes, tmp_path):
+    torch.manual_seed(0)
+    model = tiny_model(kind, "ddpm", meta={"task": "nav1d/full", "layout_seed": 0})
+    _train(model, episodes)
+    model.eval()
+    model.save(tmp_path / "m")
+    loaded = ControlModel.load(tmp_path / "m")
+    assert type(loaded) is type(model) and loaded.spec == model.spec
+    assert loaded.meta == model.meta
+    obs = torch.from_numpy(episodes.observations[[3, 50]])[:, None]
+    a = select_actions(model, obs, candidates=3, steps=4,
+                       generator=torch.Generator().manual_seed(7)).actions
+    b = select_actions(loaded, obs, candidates=3, steps=4,
+                       generator=torch.Generator().manual_seed(7)).actions
+    assert torch.equal(a, b)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["kind"] == kind and cfg["obs_dim"] == 2 and cfg["act_dim"] == 1
+    assert ModelSpec.from_dict(cfg["spec"]) == model.spec
+
+
+# ------------------------------------------------------------------------------ selection
+def test_selection_rules_on_hand_made_candidates():
+    acts = torch.tensor([[[0.0], [1.0], [2.0]], [[-1.0], [3.0], [5.0]]])  # (B=2, N=3, 1)
+    assert torch.equal(expectation(acts), torch.tensor([[1.0], [7.0 / 3.0]]))
+    scores = torch.tensor([[0.1, 0.9, 0.3], [2.0, -1.0, 1.5]])
+    assert torch.equal(greedy_index(scores), torch.tensor([1, 0]))
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(softmax_index(scores, temperature=1e-4, generator=g), torch.tensor([1, 0]))
+    picks = torch.stack([softmax_index(scores[:1], 1.0, g) for _ in range(4000)])
+    freq = torch.bincount(picks.flatten(), minlength=3).float() / 4000
+    expected = torch.softmax(scores[0], 0)
+    assert torch.allclose(freq, expected, atol=0.03)
+    with pytest.raises(ValueError, match="temperature"):
+        softmax_index(scores, temperature=0.0)
+
+
+class _TargetCritic:
+    """Q(s, a) = -(a - 0.3)^2: the best candidate action is the one closest to 0.3."""
+
+    def q(self, obs, act):
+        return -((act[..., 0] - 0.3) ** 2)
+
+
+@pytest.mark.parametrize("kind", ["dp", "diffuser"])
+def test_select_actions_greedy_picks_argmax_and_expectation_is_mean(kind, episodes):
+    torch.manual_seed(0)
+    model = tiny_model(kind)
+    model.make_dataset(episodes)
+    obs = torch.from_numpy(episodes.observations[[1, 2]])[:, None]
+    critic = _TargetCritic()
+    sel_name = "idql_greedy" if kind == "dp" else "best"
+    out = select_actions(model, obs, candidates=5, steps=3, selection=sel_name, critic=critic,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.scores.shape == (2, 5)
+    assert torch.equal(out.index, out.scores.argmax(1))
+    if kind == "dp":  # the reward is Q(s, first action)
+        best = out.candidates[:, :, 0, 0].sub(0.3).abs().argmin(1)
+        assert torch.equal(out.index, best)
+        assert torch.equal(out.actions, out.candidates[torch.arange(2), best])
+    ex = select_actions(model, obs, candidates=5, steps=3, selection="expectation",
+                        generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ex.actions, ex.candidates.mean(1))
+    with pytest.raises(ValueError, match="critic"):
+        select_actions(model, obs, candidates=2, selection="idql_greedy")
+    with pytest.raises(ValueError, match="'bogus'"):
+        select_actions(model, obs, candidates=2, selection="bogus")
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_model_options_raise_clear_errors():
+    with pytest.raises(ValueError, match="'transformer'"):
+        build_model("transformer", obs_dim=2, act_dim=1)
+    with pytest.raises(ValueError, match="'vae'"):
+        build_model("dp", "vae", obs_dim=2, act_dim=1)
+    with pytest.raises(ValueError, match="'cnn'"):
+        build_model("dp", "ddpm", "cnn", obs_dim=2, act_dim=1)
+    with pytest.raises(ValueError, match="horizon=10"):
+        build_model("diffuser", "ddpm", "unet", obs_dim=2, act_dim=1, horizon=10)
+    with pytest.raises(ValueError, match="action_horizon=9"):
+        build_model("dp", obs_dim=2, act_dim=1, horizon=8, action_horizon=9)
+    with pytest.raises(ValueError, match="'colour'"):
+        build_model("dp", obs_dim=2, act_dim=1, colour=3)
+
+
+def test_dataset_with_wrong_dims_is_rejected(episodes):
+    model = build_model("dp", obs_dim=3, act_dim=1, backbone_kwargs=TINY["dit"])
+    with pytest.raises(ValueError, match="obs_dim=2.*obs_dim=3"):
+        model.make_dataset(episodes)
+
+
+def test_missing_or_corrupted_checkpoint(tmp_path, episodes):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ControlModel.load(tmp_path / "nope")
+    model = tiny_model("dp")
+    with pytest.raises(ValueError, match="normalisers"):
+        model.save(tmp_path / "unfitted")
+    assert not (tmp_path / "unfitted").exists()
+    model.make_dataset(episodes)
+    model.save(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        ControlModel.load(tmp_path / "m")
+    model.save(tmp_path / "m2")
+    (tmp_path / "m2" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        ControlModel.load(tmp_path / "m2")
+    model.save(tmp_path / "m3")
+    cfg = json.loads((tmp_path / "m3" / "config.json").read_text())
+    cfg["spec"]["backbone_kwargs"]["hidden"] = 32  # weights no longer fit the config
+    (tmp_path / "m3" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match"):
+        ControlModel.load(tmp_path / "m3")
