@@ -27,7 +27,8 @@ from .rl import RLConfig
 from .sequence import SequenceConfig, StageResult, run_sequence
 from .sft import SFTConfig
 
-__all__ = ["AlignConfig", "AlignResult", "align", "load_aligned", "load_cascade"]
+__all__ = ["AlignConfig", "AlignResult", "align", "load_aligned", "load_cascade",
+           "reuse_alignment"]
 
 
 @dataclass
@@ -92,6 +93,9 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
                                      progress=progress)
     result = AlignResult(model=model, net=net, stages=stages, events=events,
                          reference_reward=ref_reward)
+    if out_dir is not None:  # the adapter first: align.json below marks the run complete
+        save_adapter(net, Path(out_dir) / "adapter",
+                     extra={"reference_spec": model.spec.to_dict()})
     refiner = None
     if cfg.cascade is not None:
         t0 = time.perf_counter()
@@ -100,7 +104,6 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
         result.cascade = CascadeModel(model, net, refiner)
     if out_dir is not None:
         out = Path(out_dir)
-        save_adapter(net, out / "adapter", extra={"reference_spec": model.spec.to_dict()})
         if refiner is not None:
             save_tensors(out / "cascade" / "refiner.safetensors", refiner.state_dict())
             write_json(out / "cascade" / "config.json", {"kind": "cascade_refiner",
@@ -108,6 +111,7 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
         write_json(out / "align.json", {
             "reference_val_reward": ref_reward,
             "stages": [{k: v for k, v in asdict(s).items() if k != "history"} for s in stages],
+            "cascade_wall_s": result.cascade_wall_s,
             "events": events,
             "config": json.loads(json.dumps(asdict(cfg), default=str)),
         })
@@ -144,3 +148,19 @@ def load_cascade(model, align_dir: str | Path) -> CascadeModel:
     refiner = build_refiner(model)
     refiner.load_state_dict(load_tensors(path, device=model.device))
     return CascadeModel(model, model.net, refiner.eval())
+
+
+def reuse_alignment(model, align_dir: str | Path, cascade: bool = True):
+    """Load a finished alignment run into ``model`` (adapter in place) for re-evaluation.
+
+    Returns ``(events, [(stage name, wall_s)], cascade model or None, cascade wall_s)``.
+    """
+    align_dir = Path(align_dir)
+    info = json.loads((align_dir / "align.json").read_text())
+    freeze(model)
+    load_adapter(model.net, align_dir / "adapter")
+    casc = None
+    if cascade and (align_dir / "cascade" / "refiner.safetensors").exists():
+        casc = load_cascade(model, align_dir)
+    walls = [(s["name"], float(s["wall_s"])) for s in info["stages"]]
+    return info["events"], walls, casc, float(info.get("cascade_wall_s", 0.0))

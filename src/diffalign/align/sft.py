@@ -120,5 +120,5 @@ class SFTMethod:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             self.optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         return {**stats, "loss": sum(losses) / len(losses)}

@@ -1,0 +1,87 @@
+"""``diffalign align REF_DIR --critic DIR --methods rl,dpo,sft --out DIR``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import tyro
+
+__all__ = ["AlignArgs", "align_main"]
+
+
+@dataclass
+class AlignArgs:
+    """Align a trained reference model to a critic with one LoRA adapter."""
+
+    ref_dir: Annotated[Path, tyro.conf.Positional]
+    """Directory of the reference model (from `diffalign train`)."""
+    critic: Path
+    """Directory of the IQL critic (from `diffalign critic`)."""
+    out: Path
+    """Output directory: adapter/, cascade/, align.json (and merged/ with --merge)."""
+    methods: str = "rl,dpo,sft"
+    """Alignment methods in order, comma-separated (rl, dpo, sft)."""
+    passes: int = 2
+    """Maximum passes over the methods."""
+    max_iters: int = 24
+    """Maximum updates of one method per pass (each stops earlier on a plateau)."""
+    cascade: bool = True
+    """Also train the cascaded refiner."""
+    merge: bool = False
+    """Also save a plain checkpoint with the adapter merged into the weights."""
+    lora_rank: int = 8
+    """Rank of the LoRA adapter."""
+    seed: int = 0
+    """Seed."""
+    device: str = "cpu"
+    """Torch device."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self):
+        from ..align.sequence import METHODS
+
+        methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods:
+            raise ValueError(f"unknown alignment method(s) {bad or self.methods!r}; choose from "
+                             f"{', '.join(METHODS)}")
+        for name in ("ref_dir", "critic"):
+            p = Path(getattr(self, name))
+            if not (p / "config.json").is_file():
+                raise FileNotFoundError(f"{name} {str(p)!r} is not a checkpoint directory "
+                                        "(no config.json)")
+        if self.passes < 1 or self.max_iters < 1 or self.lora_rank < 1:
+            raise ValueError(f"passes={self.passes}, max_iters={self.max_iters}, lora_rank="
+                             f"{self.lora_rank} must be >= 1")
+
+
+def align_main(args: AlignArgs) -> dict:
+    from ..align.runner import AlignConfig, align
+    from ..align.sequence import SequenceConfig
+    from ..models.base import ControlModel
+    from ..models.critic import IQLCritic
+    from ..tasks import resolve_task
+
+    model = ControlModel.load(args.ref_dir, device=args.device)
+    critic = IQLCritic.load(args.critic, device=args.device)
+    task_name = model.meta.get("task")
+    if not task_name:
+        raise ValueError(f"{args.ref_dir}/config.json does not record its task")
+    task = resolve_task(task_name, layout_seed=int(model.meta.get("layout_seed", 0)))
+    seq = SequenceConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                         passes=args.passes, max_iters=args.max_iters)
+    cfg = AlignConfig(sequence=seq, lora_rank=args.lora_rank, seed=args.seed)
+    if not args.cascade:
+        cfg.cascade = None
+    res = align(model, critic, task.episodes, cfg, out_dir=args.out, progress=args.progress,
+                merge=args.merge)
+    summary = {"reference_val_reward": res.reference_reward,
+               "stages": {s.name: s.val_reward for s in res.stages},
+               "events": res.events, "out": str(args.out)}
+    print(f"aligned {args.ref_dir} -> {args.out}: validation reward "
+          f"{res.reference_reward:.3f} -> {res.stages[-1].val_reward:.3f} "
+          f"({len(res.events)} events)")
+    return summary

@@ -1,0 +1,270 @@
+"""``diffalign run nav1d``: the main job, data → foundation → critic → alignment → cascade →
+evaluation → report, on the paper's Nav1D task.
+
+Every step writes into ``OUT`` and is skipped when its result is already there, so a killed
+run resumes (the trainers also resume mid-run from their ``train_state``)::
+
+    OUT/data/nav1d-<dataset>.hdf5 (+ .png)   the offline dataset
+    OUT/foundation/                           the reference model
+    OUT/critic/                               the IQL critic
+    OUT/align/                                adapter, cascade, align.json
+    OUT/eval/<stage>/eval.json (+ eval.png)   per-stage evaluation in the environment
+    OUT/report.json, OUT/report.md, OUT/*.png
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["PRESETS", "RunNav1DArgs", "run_nav1d"]
+
+PRESETS: dict[str, dict] = {
+    "quick": dict(data_episodes=200, foundation_steps=400, critic_steps=800, max_iters=4,
+                  eval_every=2, patience=2, passes=1, eval_episodes=8, ref_eval_episodes=4,
+                  ref_candidates=64,
+                  cascade_rounds=1, cascade_steps=10, conditions=128, val_conditions=32),
+    "default": dict(data_episodes=1000, foundation_steps=3000, critic_steps=3000,
+                    max_iters=24, eval_every=3, patience=3, passes=2, eval_episodes=100,
+                    ref_eval_episodes=25, ref_candidates=64, cascade_rounds=4, cascade_steps=25,
+                    conditions=512,
+                    val_conditions=128),
+    "paper": dict(data_episodes=1000, foundation_steps=10000, critic_steps=10000,
+                  max_iters=80, eval_every=4, patience=4, passes=3, eval_episodes=200,
+                  ref_eval_episodes=100, ref_candidates=64, cascade_rounds=10, cascade_steps=50,
+                  conditions=2048,
+                  val_conditions=256),
+}
+"""Sizes of the run: quick (CI, about a minute), default (minutes on 2 CPU cores), paper."""
+
+
+@dataclass
+class RunNav1DArgs:
+    """Run the whole pipeline on Nav1D and write a report of what alignment changed."""
+
+    out: Path = Path("runs/nav1d")
+    """Output directory (re-running resumes and skips finished steps)."""
+    dataset: Literal["partial", "full", "expert"] = "full"
+    """Offline dataset: random policy from part of the line, from all of it, or expert."""
+    model: Literal["diffuser", "dd", "dp"] = "diffuser"
+    """Foundation model: Diffuser, Decision Diffuser or Diffusion Policy."""
+    process: Literal["ddpm", "ddim", "sm", "fm"] = "ddpm"
+    """Diffusion process."""
+    layout_seed: int = 0
+    """Nav1D reward layout."""
+    preset: Literal["quick", "default", "paper"] = "default"
+    """Run size."""
+    methods: str = "rl,dpo,sft"
+    """Alignment methods in order, comma-separated (rl, dpo, sft)."""
+    passes: int | None = None
+    """Maximum passes over the methods (default from the preset)."""
+    cascade: bool = True
+    """Train and evaluate the cascaded refiner after alignment."""
+    eval_episodes: int | None = None
+    """Evaluation episodes per stage (default from the preset)."""
+    seed: int = 0
+    """Seed of every step."""
+    device: str = "cpu"
+    """Torch device: cpu, cuda or auto."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self):
+        from ..align.sequence import METHODS
+
+        self.out = Path(self.out)
+        methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods:
+            raise ValueError(f"unknown alignment method(s) {bad or self.methods!r}; choose from "
+                             f"{', '.join(METHODS)} (comma-separated)")
+        if self.passes is not None and self.passes < 1:
+            raise ValueError(f"passes must be >= 1, got passes={self.passes}")
+        if self.eval_episodes is not None and self.eval_episodes < 1:
+            raise ValueError(f"eval_episodes must be >= 1, got eval_episodes={self.eval_episodes}")
+        if self.layout_seed < 0:
+            raise ValueError(f"layout_seed must be >= 0, got layout_seed={self.layout_seed}")
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"out {str(self.out)!r} exists and is not a directory")
+
+
+def _log(msg: str) -> None:
+    print(f"[diffalign run] {msg}", flush=True)
+
+
+def run_nav1d(args: RunNav1DArgs) -> dict:
+    """Run every step (skipping finished ones) and write the report; returns report.json."""
+    import torch
+
+    from ..align.runner import AlignConfig, align
+    from ..align.sequence import SequenceConfig
+    from ..commands.train import TrainArgs, train_model
+    from ..data.nav1d_datasets import plot_nav1d_dataset, write_nav1d_hdf5
+    from ..eval.evaluate import evaluate
+    from ..models.base import ControlModel
+    from ..models.critic import CriticConfig, IQLCritic, train_critic
+    from ..report.nav1d_report import write_report
+    from ..tasks import resolve_task
+
+    P = PRESETS[args.preset]
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    task_name = f"nav1d/{args.dataset}"
+    timings: dict[str, float] = {}
+
+    # 1. data
+    t0 = time.perf_counter()
+    task = resolve_task(task_name, layout_seed=args.layout_seed, episodes=P["data_episodes"],
+                        seed=args.seed)
+    data_file = out / "data" / f"nav1d-{args.dataset}.hdf5"
+    if not data_file.exists():
+        ep = task.episodes
+        arrays = {k: getattr(ep, k) for k in ("observations", "actions", "rewards", "terminals",
+                                              "timeouts", "next_observations")}
+        attrs = {k: v for k, v in ep.meta.items() if isinstance(v, (str, int, float, bool))}
+        write_nav1d_hdf5(data_file, arrays, attrs)
+        plot_nav1d_dataset(arrays, args.layout_seed, data_file.with_suffix(".png"),
+                           title=f"Nav1D {args.dataset}: 50 of {len(ep)} episodes")
+    _log(f"data: {len(task.episodes)} episodes of {task_name} (mean return "
+         f"{float(task.episodes.returns().mean()):.2f}, optimum {task.ref_max:.2f}) -> {data_file}")
+    timings["data"] = time.perf_counter() - t0
+
+    # 2. foundation
+    t0 = time.perf_counter()
+    fdir = out / "foundation"
+    if (fdir / "config.json").exists():
+        model = ControlModel.load(fdir, device=args.device)
+        _log(f"foundation: loaded {fdir}")
+    else:
+        targs = TrainArgs(out=fdir, task=task_name, model=args.model, process=args.process,
+                          layout_seed=args.layout_seed, episodes=P["data_episodes"],
+                          steps=P["foundation_steps"], seed=args.seed, device=args.device,
+                          progress=args.progress)
+        _log(f"foundation: training {args.model}/{args.process} for {targs.steps} steps")
+        model, _, _ = train_model(targs)
+    foundation_s = _remember(out, "foundation_train_s", time.perf_counter() - t0)
+
+    # 3. critic
+    t0 = time.perf_counter()
+    cdir = out / "critic"
+    if (cdir / "config.json").exists():
+        critic = IQLCritic.load(cdir, device=args.device)
+        _log(f"critic: loaded {cdir}")
+    else:
+        _log(f"critic: training IQL for {P['critic_steps']} steps")
+        critic = train_critic(task.episodes, CriticConfig(steps=P["critic_steps"], seed=args.seed,
+                                                          device=args.device),
+                              out_dir=cdir, progress=args.progress)
+    _remember(out, "critic_train_s", time.perf_counter() - t0)
+
+    episodes = args.eval_episodes or P["eval_episodes"]
+    stages: list[dict] = []
+
+    def run_eval(name: str, m, candidates: int, wall_s: float, n_episodes: int | None = None
+                 ) -> dict:
+        edir = out / "eval" / name
+        cached = edir / "eval.json"
+        if cached.exists():
+            res = json.loads(cached.read_text())
+        else:
+            res = evaluate(m, critic=critic, episodes=n_episodes or episodes,
+                           candidates=candidates, out_dir=edir, seed=args.seed,
+                           device=args.device)
+        row = {"name": name, "return_mean": res["return_mean"], "return_std": res["return_std"],
+               "normalized": res["normalized"], "coherency": res["coherency"],
+               "entropy": res["entropy"], "candidates": candidates,
+               "denoise_steps": res["steps"], "wall_s": wall_s,
+               "eval_s": res.get("wall_seconds"), "eval_episodes": res.get("episodes"),
+               "returns": res.get("returns"),
+               "picture": str(edir / "eval.png")}
+        stages.append(row)
+        _log(f"stage {name}: return {row['return_mean']:.2f} ± {row['return_std']:.2f} "
+             f"({row['normalized']:.1f}% of optimum), coherency {_fmt(row['coherency'])}, "
+             f"entropy {_fmt(row['entropy'])}")
+        return row
+
+    # 4. reference stages
+    run_eval("reference", model, 1, foundation_s)
+    # best-of-N is N times dearer per decision: evaluated on fewer episodes
+    run_eval(f"reference@{P['ref_candidates']}", model, P["ref_candidates"], foundation_s,
+             n_episodes=min(episodes, P["ref_eval_episodes"]))
+
+    # 5. alignment sequence (+ cascade)
+    seq = SequenceConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                         passes=args.passes or P["passes"], max_iters=P["max_iters"],
+                         eval_every=P["eval_every"], patience=P["patience"])
+    acfg = AlignConfig(sequence=seq, conditions=P["conditions"],
+                       val_conditions=P["val_conditions"], seed=args.seed)
+    if args.preset == "quick":  # smoke-test sizes: a few conditions and candidates per update
+        acfg.rl = replace(acfg.rl, states_per_iter=8, group_size=4, ppo_epochs=1)
+        acfg.dpo = replace(acfg.dpo, states_per_iter=16, candidates=4, updates_per_batch=1)
+        acfg.sft = replace(acfg.sft, states_per_round=16, candidates=8, epochs=2)
+    if args.cascade:
+        acfg.cascade = replace(acfg.cascade, rounds=P["cascade_rounds"],
+                               steps_per_round=P["cascade_steps"],
+                               states_per_round=8 if args.preset == "quick" else 32)
+    else:
+        acfg.cascade = None
+    t_align = time.perf_counter()
+    adir = out / "align"
+    if (adir / "align.json").exists():  # finished earlier: reuse adapter, cascade, evaluations
+        from ..align.runner import reuse_alignment
+
+        events, stage_walls, cascade_model, cascade_s = reuse_alignment(model, adir,
+                                                                         args.cascade)
+        _log(f"alignment: loaded {adir}")
+        for name, wall in stage_walls:
+            run_eval(name, model, 1, wall)
+        if cascade_model is not None:
+            run_eval("cascade", cascade_model, 1, cascade_s)
+        align_train_s = sum(w for _, w in stage_walls) + cascade_s
+    else:
+        result = align(model, critic, task.episodes, acfg, out_dir=adir,
+                       on_stage_end=lambda st: run_eval(st.name, model, 1, st.wall_s),
+                       progress=args.progress)
+        if result.cascade is not None:
+            run_eval("cascade", result.cascade, 1, result.cascade_wall_s)
+        events = result.events
+        align_train_s = sum(st.wall_s for st in result.stages) + result.cascade_wall_s
+    timings["alignment"] = time.perf_counter() - t_align
+
+    report = {
+        "task": task_name, "dataset": args.dataset, "model": args.model,
+        "process": args.process, "layout_seed": args.layout_seed, "preset": args.preset,
+        "optimal_return": task.ref_max,
+        "dataset_return": float(task.episodes.returns().mean()),
+        "stages": stages,
+        "events": events,
+        "alignment_seconds": align_train_s,
+        "foundation_seconds": foundation_s,
+        "alignment_fraction_of_foundation": align_train_s / max(foundation_s, 1e-9),
+        "timings": {**timings, **_remembered(out)},
+        "device": str(torch.device(args.device)),
+    }
+    write_report(out, report)
+    _log(f"report: {out / 'report.md'} (alignment took {align_train_s:.0f}s = "
+         f"{report['alignment_fraction_of_foundation']:.2f}x foundation training)")
+    return report
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _remembered(out: Path) -> dict:
+    p = out / "timings.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _remember(out: Path, key: str, seconds: float) -> float:
+    """Store a step's wall time the first time it runs; later (resumed) runs read it back."""
+    from ..atomic import write_json
+
+    known = _remembered(out)
+    if key not in known or seconds > 1.0:
+        known[key] = seconds if key not in known else max(known[key], seconds)
+        write_json(out / "timings.json", known)
+    return float(known[key])

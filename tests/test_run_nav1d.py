@@ -1,0 +1,47 @@
+"""`diffalign run nav1d --preset quick` end to end: every stage reported, files written,
+a second run resumes from what is on disk."""
+
+import json
+
+import pytest
+
+from diffalign.cli import main
+
+STAGE_KEYS = {"name", "return_mean", "return_std", "normalized", "coherency", "entropy",
+              "candidates", "denoise_steps", "wall_s"}
+
+
+@pytest.mark.slow
+def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "nav1d", "--preset", "quick", "--out", str(out), "--eval-episodes", "4",
+            "--no-progress"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "nav1d/full" and report["model"] == "diffuser"
+    assert report["optimal_return"] > 10
+    names = [s["name"] for s in report["stages"]]
+    assert names == ["reference", "reference@64", "rl", "dpo", "sft", "cascade"]
+    for s in report["stages"]:
+        assert STAGE_KEYS <= set(s), s["name"]
+        assert s["coherency"] is not None and 0 <= s["coherency"] <= 1
+        assert s["normalized"] == pytest.approx(100 * s["return_mean"] /
+                                                report["optimal_return"])
+    assert [s["candidates"] for s in report["stages"]] == [1, 64, 1, 1, 1, 1]
+    assert isinstance(report["events"], list)
+    md = (out / "report.md").read_text()
+    assert "| reference@64 | 64 |" in md and "| cascade | 1 |" in md
+    for png in ("returns.png", "reward_distribution.png", "trajectories.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert (out / "align" / "adapter" / "adapter_model.safetensors").exists()
+    capsys.readouterr()
+    # a second run finds everything on disk and only rewrites the report
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert "foundation: loaded" in log and "critic: loaded" in log
+
+
+def test_run_nav1d_bad_method_names_it(tmp_path, capsys):
+    assert main(["run", "nav1d", "--methods", "rl,ppo2", "--out", str(tmp_path / "x")]) == 2
+    assert "ppo2" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
