@@ -18,6 +18,7 @@ from diffalign.models import (
     select_actions,
     softmax_index,
 )
+from diffalign.tasks import resolve_task
 from diffalign.train.checkpoint import CheckpointError
 
 KINDS = ("diffuser", "dd", "dp")
@@ -240,3 +241,25 @@ def test_missing_or_corrupted_checkpoint(tmp_path, episodes):
     (tmp_path / "m3" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="does not match"):
         ControlModel.load(tmp_path / "m3")
+
+
+def test_planner_reward_modes_by_hand():
+    from diffalign.models.registry import build_model
+
+    class SumCritic:
+        def q(self, obs, act):
+            return obs[..., 0] + 10 * act[..., 0]
+
+    task = resolve_task("nav1d/full", episodes=20)
+    model = build_model("diffuser", "ddpm", None, task.obs_dim, task.act_dim)
+    model.make_dataset(task.episodes)
+    x = torch.rand(3, model.spec.horizon, model.obs_dim + model.act_dim) * 2 - 1
+    s, a = model.plan_states_actions(x)
+    q = s[..., 0] + 10 * a[..., 0]
+    model.spec.reward_mode = "first"
+    torch.testing.assert_close(model.reward(x, None, SumCritic()), q[:, 0])
+    model.spec.reward_mode = "mean"
+    torch.testing.assert_close(model.reward(x, None, SumCritic()), q.mean(1))
+    model.spec.reward_mode = "discounted"
+    w = model.spec.discount ** torch.arange(q.shape[1], dtype=q.dtype)
+    torch.testing.assert_close(model.reward(x, None, SumCritic()), (q * w).sum(1))

@@ -142,6 +142,6 @@ class DPOMethod:
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             self.optimizer.step()
-            stats = {k: float(v) for k, v in out.items()}
+            stats = {k: float(v.detach()) for k, v in out.items()}
         stats["reward_gap"] = gap
         return stats

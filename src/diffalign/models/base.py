@@ -28,7 +28,7 @@ KINDS = ("diffuser", "dd", "dp")
 """Model kinds behind this protocol (SynthER is separate)."""
 BACKBONE_NAMES = ("unet", "dit", "mlp")
 """Denoiser backbones (see :mod:`diffalign.nets`)."""
-REWARD_MODES = ("mean", "discounted")
+REWARD_MODES = ("mean", "discounted", "first")
 """How a plan's Q-values are reduced to one reward R(x0)."""
 NORMALIZER_PREFIX = "normalizer."
 """Key prefix of the normaliser tensors inside ``model.safetensors``."""
@@ -59,8 +59,9 @@ class ModelSpec:
     """Normaliser kind of observations and actions: "minmax" ([-1, 1]) or "gaussian"."""
     prefix_masks: bool = True
     """Planners: train with random causal prefix masks of known states (in-painting)."""
-    reward_mode: str = "mean"
-    """Planners' R(x0): "mean" Q along the plan or "discounted" sum."""
+    reward_mode: str = "first"
+    """Planners' R(x0): "mean" Q along the plan, "discounted" sum, or "first": Q(s, a) of the
+    executed step only (the current state is in-painted, so it cannot be hallucinated)."""
     discount: float = 0.99
     """Discount of reward_mode="discounted"."""
     inv_dyn_hidden: int = 128

@@ -72,6 +72,8 @@ class Planner(ControlModel):
         states, actions = self.plan_states_actions(x)
         k = self.spec.obs_history - 1
         states, actions = states[:, k:], actions[:, k:]
+        if self.spec.reward_mode == "first":
+            states, actions = states[:, :1], actions[:, :1]
         b, h = states.shape[:2]
         q = critic.q(states.reshape(b * h, -1), actions.reshape(b * h, -1)).reshape(b, h)
         if self.spec.reward_mode == "mean":
