@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..processes import Inpaint
 
 __all__ = ["AlignSetup", "condition_pool", "diversity_bonus", "expand_condition", "freeze",
-           "validation_reward"]
+           "reward_spread", "validation_reward"]
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -107,3 +107,20 @@ def validation_reward(setup: AlignSetup, net: nn.Module | None = None, seed: int
     rows = obs.repeat_interleave(candidates, 0)
     r = setup.reward(out.x0, rows).view(-1, candidates).max(1).values
     return float(r.mean()), r
+
+
+@torch.no_grad()
+def reward_spread(setup: AlignSetup, net: nn.Module | None = None, candidates: int = 8,
+                  seed: int = 4321) -> float:
+    """How much the choice of sample matters: the mean over validation states of the std of
+    R across ``candidates`` samples of one state.
+
+    Gains, plateaus and collapses are measured in this unit: a critic's values can carry a
+    large state-dependent baseline that says nothing about what alignment can change.
+    """
+    model = setup.model
+    g = torch.Generator().manual_seed(seed)
+    obs = setup.val_states.to(model.device)
+    out = model.sample(obs, n=candidates, generator=g, steps=setup.steps, net=net)
+    r = setup.reward(out.x0, obs.repeat_interleave(candidates, 0)).view(-1, candidates)
+    return float(r.std(1).mean())

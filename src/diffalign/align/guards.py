@@ -1,9 +1,10 @@
 """Collapse guards: keep the last good adapter, restore it on a collapse, lower the LR.
 
 A collapse is a non-finite loss or validation reward, a loss spike (loss above
-``spike_factor`` × the median of recent losses), or a sudden validation drop (below the best
-by more than ``drop_frac`` of the best's gain over the reference). Every restore is recorded
-as an event; nothing is hidden.
+``spike_factor`` × the larger of the median of recent losses and the stage's first loss), or a
+sudden validation drop (below the best by more than ``drop_frac`` × the larger of the best's
+gain over the reference and the reward ``scale`` — the spread of R across samples of one
+state). Every restore is recorded as an event; nothing is hidden.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ class GuardConfig:
     """Thresholds of the collapse guard."""
 
     drop_frac: float = 0.5
-    """Collapse when validation reward falls below best − drop_frac·|best − reference|
-    (and below the reference by any amount when best ≈ reference)."""
+    """Collapse when validation reward falls below best − drop_frac·max(best − reference,
+    scale)."""
     spike_factor: float = 20.0
     """Collapse when a loss exceeds this multiple of the recent median |loss|."""
     lr_decay: float = 0.5
@@ -39,6 +40,8 @@ class Guard:
     params: list[torch.nn.Parameter]
     reference_reward: float
     cfg: GuardConfig = field(default_factory=GuardConfig)
+    scale: float = 0.0
+    """Unit of reward changes (see :func:`~diffalign.align.common.reward_spread`)."""
     best_reward: float = -math.inf
     best_state: list[torch.Tensor] | None = None
     events: list[dict] = field(default_factory=list)
@@ -63,18 +66,23 @@ class Guard:
         self._losses.append(loss)
         if len(recent) >= 5:
             med = statistics.median(abs(v) for v in recent)
-            if abs(loss) > self.cfg.spike_factor * max(med, 1e-6):
-                return f"loss spike {loss:.4g} > {self.cfg.spike_factor}x median {med:.4g}"
+            ref = max(med, abs(self._losses[0]), 1e-6)
+            if abs(loss) > self.cfg.spike_factor * ref:
+                return (f"loss spike {loss:.4g} > {self.cfg.spike_factor}x max(median "
+                        f"{med:.4g}, first loss {abs(self._losses[0]):.4g})")
         return None
+
+    def new_stage(self) -> None:
+        """Forget the loss history (each method has its own loss scale)."""
+        self._losses.clear()
 
     def reward_collapsed(self, reward: float) -> str | None:
         if not math.isfinite(reward):
             return f"non-finite validation reward {reward}"
         if self.best_state is None:
             return None
-        gain = abs(self.best_reward - self.reference_reward)
-        floor = self.best_reward - self.cfg.drop_frac * max(gain, 1e-3 * abs(self.best_reward),
-                                                             1e-6)
+        gain = self.best_reward - self.reference_reward
+        floor = self.best_reward - self.cfg.drop_frac * max(gain, self.scale, 1e-6)
         if reward < floor:
             return (f"validation reward dropped to {reward:.4g} from best "
                     f"{self.best_reward:.4g} (floor {floor:.4g})")

@@ -129,7 +129,7 @@ class RLConfig:
     """PPO ratio clip ε."""
     kl_coef: float = 0.05
     """Weight of the KL to the reference, Σ_k ‖μ_θ − μ_ref‖²/(2σ_k²); 0 disables it."""
-    lr: float = 3e-4
+    lr: float = 1e-3
     """Adapter learning rate."""
     credit: Literal["uniform", "decreasing", "retrospective"] = "uniform"
     """Credit λ_k over denoising steps: all equal, γ^k toward the noise, or retrospective

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .common import AlignSetup, validation_reward
+from .common import AlignSetup, reward_spread, validation_reward
 from .dpo import DPOConfig, DPOMethod
 from .guards import Guard, GuardConfig
 from .lora import lora_parameters
@@ -40,10 +40,11 @@ class SequenceConfig:
     """Updates between validation evaluations."""
     patience: int = 3
     """Evaluations without a gain of ``min_delta`` before a method is stopped (plateau)."""
-    min_delta: float = 0.002
-    """Smallest validation gain that counts as progress (relative to |reference reward|)."""
-    pass_min_gain: float = 0.005
-    """Stop after a pass whose gain is below this (relative to |reference reward|)."""
+    min_delta: float = 0.02
+    """Smallest validation gain that counts as progress, in units of the reward spread
+    across samples of one state (:func:`~diffalign.align.common.reward_spread`)."""
+    pass_min_gain: float = 0.05
+    """Stop after a pass whose gain is below this (same unit)."""
     guard: GuardConfig = field(default_factory=GuardConfig)
     """Collapse guard thresholds."""
 
@@ -91,9 +92,9 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
     cfgs = cfgs or {}
     gen = torch.Generator().manual_seed(seed)
     ref_reward, _ = validation_reward(setup, net=net)
-    guard = Guard(lora_parameters(net), reference_reward=ref_reward, cfg=seq.guard)
+    scale = max(reward_spread(setup, net=net), 1e-6)
+    guard = Guard(lora_parameters(net), reference_reward=ref_reward, cfg=seq.guard, scale=scale)
     guard.observe(ref_reward)
-    scale = max(abs(ref_reward), 1e-6)
     stages: list[StageResult] = []
     events: list[dict] = []
     pass_start = ref_reward
@@ -101,6 +102,7 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
         for m in seq.methods:
             name = m if p == 0 else f"{m}_p{p + 1}"
             method = build_method(m, setup, net, cfgs, gen)
+            guard.new_stage()
             t0 = time.perf_counter()
             stage_best = guard.best_reward
             stale, history, it = 0, [], 0
