@@ -116,7 +116,7 @@ def credit_retrospective(x0_preds: Tensor, x0: Tensor, temperature: float = 1.0,
 class RLConfig:
     """RL fine-tuning over the denoising chain."""
 
-    algo: Literal["ppo", "reinforce", "qvpg"] = "ppo"
+    algo: Literal["ppo", "reinforce", "qvpg"] = "qvpg"
     """"ppo" (clipped ratio), "reinforce" (plain score function) or "qvpg" (reward gradient
     through the last K sampling steps)."""
     states_per_iter: int = 32
@@ -127,7 +127,7 @@ class RLConfig:
     """Passes over each batch of chains (ppo)."""
     clip: float = 0.2
     """PPO ratio clip ε."""
-    kl_coef: float = 0.05
+    kl_coef: float = 0.005
     """Weight of the KL to the reference, Σ_k ‖μ_θ − μ_ref‖²/(2σ_k²); 0 disables it."""
     lr: float = 1e-3
     """Adapter learning rate."""
