@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from ..processes import Inpaint
 
-__all__ = ["AlignSetup", "condition_pool", "diversity_bonus", "expand_condition", "freeze",
-           "reward_spread", "validation_reward"]
+__all__ = ["AdapterMethod", "AlignSetup", "condition_pool", "diversity_bonus",
+           "expand_condition", "freeze", "reward_spread", "validation_reward"]
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -39,16 +39,7 @@ def condition_pool(episodes, obs_history: int, n: int, seed: int = 0) -> Tensor:
 def expand_condition(model, obs_hist: Tensor, n: int
                      ) -> tuple[Tensor | None, Inpaint | None, tuple[int, int, int]]:
     """The model's condition for ``n`` samples per row, row-major, and the sample shape."""
-    c = model.condition(obs_hist)
-    b = obs_hist.shape[0]
-    cond = None if c.cond is None else c.cond.repeat_interleave(n, 0)
-    inpaint = None
-    if c.inpaint is not None:
-        mask = c.inpaint.mask
-        if mask.shape[0] != 1:
-            mask = mask.repeat_interleave(n, 0)
-        inpaint = Inpaint(value=c.inpaint.value.repeat_interleave(n, 0), mask=mask)
-    return cond, inpaint, (b * n, *c.shape)
+    return model.expanded_condition(obs_hist, n)
 
 
 def free_mask(inpaint: Inpaint | None, shape) -> Tensor | None:
@@ -70,6 +61,24 @@ def diversity_bonus(x0: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
     d = torch.cdist(g, g)  # (G, n, n)
     mean_d = d.sum(-1) / (group_size - 1)
     return torch.log(mean_d + eps).reshape(-1)
+
+
+class AdapterMethod:
+    """Shared set-up of the alignment methods: the frozen parts, the adapter, its optimiser."""
+
+    name = "method"
+
+    def __init__(self, setup: AlignSetup, net: nn.Module, cfg, generator: torch.Generator):
+        from .lora import ReferenceView, lora_parameters
+
+        self.setup, self.net, self.cfg, self.gen = setup, net, cfg, generator
+        self.model = setup.model
+        self.ref = ReferenceView(net)
+        self.params = lora_parameters(net)
+        if not self.params:
+            raise ValueError(f"{self.name} needs a LoRA-wrapped net (no trainable adapter "
+                             "parameters)")
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
 
 
 @dataclass

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import AlignSetup, expand_condition
-from .lora import ReferenceView, lora_parameters
+from .common import AdapterMethod, expand_condition
 
 __all__ = ["DPOConfig", "DPOMethod", "diffusion_dpo_loss", "dpo_loss", "snr_weight"]
 
@@ -99,20 +98,10 @@ class DPOConfig:
             raise ValueError(f"need beta > 0 and lr > 0, got beta={self.beta}, lr={self.lr}")
 
 
-class DPOMethod:
+class DPOMethod(AdapterMethod):
     """One batch of critic-ranked pairs and ``updates_per_batch`` DPO steps per :meth:`step`."""
 
     name = "dpo"
-
-    def __init__(self, setup: AlignSetup, net: torch.nn.Module, cfg: DPOConfig,
-                 generator: torch.Generator):
-        self.setup, self.net, self.cfg, self.gen = setup, net, cfg, generator
-        self.model = setup.model
-        self.ref = ReferenceView(net)
-        self.params = lora_parameters(net)
-        if not self.params:
-            raise ValueError("DPO needs a LoRA-wrapped net (no trainable adapter parameters)")
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
 
     @torch.no_grad()
     def pairs(self) -> tuple[Tensor, Tensor, Tensor, float]:

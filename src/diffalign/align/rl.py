@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from ..processes.base import gaussian_log_prob
-from .common import AlignSetup, diversity_bonus, expand_condition, free_mask
-from .lora import lora_parameters, reference
+from .common import AdapterMethod, AlignSetup, diversity_bonus, expand_condition, free_mask
+from .lora import reference
 
 __all__ = ["RLConfig", "RLMethod", "credit_decreasing", "credit_retrospective",
            "gaussian_kl_equal_var", "group_advantages", "policy_gradient_loss"]
@@ -159,22 +159,17 @@ class RLConfig:
                              f"kl_coef={self.kl_coef}, clip={self.clip}")
 
 
-class RLMethod:
+class RLMethod(AdapterMethod):
     """One RL update per :meth:`step` on the LoRA adapter of ``net``."""
 
     name = "rl"
 
     def __init__(self, setup: AlignSetup, net: torch.nn.Module, cfg: RLConfig,
                  generator: torch.Generator):
-        self.setup, self.net, self.cfg, self.gen = setup, net, cfg, generator
-        self.model = setup.model
+        super().__init__(setup, net, cfg, generator)
         base = self.model.process
         # PPO/REINFORCE need Gaussian transitions; QV-PG differentiates any sampler.
         self.process = base if cfg.algo == "qvpg" else base.stochastic_variant()
-        self.params = lora_parameters(net)
-        if not self.params:
-            raise ValueError("RL needs a LoRA-wrapped net (no trainable adapter parameters)")
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
 
     def _steps(self) -> int:
         return self.setup.steps or self.process.default_steps

@@ -13,8 +13,7 @@ from typing import Literal
 
 import torch
 
-from .common import AlignSetup, expand_condition, free_mask
-from .lora import ReferenceView, lora_parameters
+from .common import AdapterMethod, expand_condition, free_mask
 
 __all__ = ["SFTConfig", "SFTMethod"]
 
@@ -60,20 +59,10 @@ class SFTConfig:
                              f"epochs={self.epochs}")
 
 
-class SFTMethod:
+class SFTMethod(AdapterMethod):
     """One filtering round and ``epochs`` diffusion-loss steps per :meth:`step`."""
 
     name = "sft"
-
-    def __init__(self, setup: AlignSetup, net: torch.nn.Module, cfg: SFTConfig,
-                 generator: torch.Generator):
-        self.setup, self.net, self.cfg, self.gen = setup, net, cfg, generator
-        self.model = setup.model
-        self.ref = ReferenceView(net)
-        self.params = lora_parameters(net)
-        if not self.params:
-            raise ValueError("SFT needs a LoRA-wrapped net (no trainable adapter parameters)")
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
 
     @torch.no_grad()
     def winners(self):

@@ -226,10 +226,9 @@ class ControlModel(nn.Module):
             raise ValueError(f"cannot match {t.shape[0]} observation rows to {rows} samples")
         return t.repeat_interleave(rows // t.shape[0], 0)
 
-    def sample(self, obs_hist: Tensor, n: int = 1, generator: torch.Generator | None = None,
-               steps: int | None = None, grad_last_k: int | None = None,
-               return_chain: bool = False, net: nn.Module | None = None) -> SampleOutput:
-        """``n`` samples per row of ``obs_hist`` (B, T_o, obs_dim), RAW; ``x`` normalised."""
+    def expanded_condition(self, obs_hist: Tensor, n: int = 1
+                           ) -> tuple[Tensor | None, Inpaint | None, tuple[int, int, int]]:
+        """The condition for ``n`` samples per row, row-major, and the batch's sample shape."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got n={n}")
         c = self.condition(obs_hist)
@@ -241,8 +240,15 @@ class ControlModel(nn.Module):
             if mask.shape[0] != 1:
                 mask = mask.repeat_interleave(n, 0)
             inpaint = Inpaint(value=c.inpaint.value.repeat_interleave(n, 0), mask=mask)
+        return cond, inpaint, (b * n, *c.shape)
+
+    def sample(self, obs_hist: Tensor, n: int = 1, generator: torch.Generator | None = None,
+               steps: int | None = None, grad_last_k: int | None = None,
+               return_chain: bool = False, net: nn.Module | None = None) -> SampleOutput:
+        """``n`` samples per row of ``obs_hist`` (B, T_o, obs_dim), RAW; ``x`` normalised."""
+        cond, inpaint, shape = self.expanded_condition(obs_hist, n)
         return self.process.sample(
-            self.net if net is None else net, (b * n, *c.shape), cond=cond, steps=steps,
+            self.net if net is None else net, shape, cond=cond, steps=steps,
             inpaint=inpaint, generator=generator, return_chain=return_chain,
             grad_last_k=grad_last_k, device=self.device)
 
