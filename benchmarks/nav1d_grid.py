@@ -70,10 +70,11 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for kind, proc, r in rows:
         if kind == "synther":
-            aug = r.get("augmented", r)
-            print(f"| synther (IQL on real+synthetic) | {proc} | "
-                  f"{aug.get('return_mean', float('nan')):.2f} | "
-                  f"{aug.get('normalized', float('nan')):.1f} | | | | |")
+            aug, real = r["eval/real_plus_synthetic"], r["eval/real_only"]
+            print(f"| synther: IQL on real+synthetic (real only: {real['return_mean']:.2f}) | "
+                  f"{proc} | {aug['return_mean']:.2f} ± {aug['return_std']:.2f} | "
+                  f"{aug['normalized_score_mean']:.1f} | | | | "
+                  f"{r['timing_s']['total']:.0f} |")
             continue
         coh = "n/a" if r["coherency"] is None else f"{r['coherency']:.3f}"
         ent = "n/a" if r["entropy"] is None else f"{r['entropy']:.2f}"
