@@ -12,31 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
+from _timing import median_seconds
 from diffalign.nets import PRESETS, build_preset, count_parameters
 from diffalign.processes import DDPM
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn, repeats: int, device: torch.device, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+def _median_ms(fn, repeats: int, device: torch.device) -> float:
+    return 1000 * median_seconds(fn, repeats, device)
 
 
 def bench_preset(preset: str, device: torch.device, repeats: int, x_dim: int = 14,

@@ -17,34 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import numpy as np
 import torch
 
+from _timing import median_seconds
 from diffalign.data.episodes import Episodes
 from diffalign.models.registry import build_model
 from diffalign.models.selection import select_actions
 from diffalign.nets import count_parameters
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_s(fn, repeats, device, warmup=2):
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def _random_episodes(obs_dim, act_dim, n_episodes=20, length=64, seed=0):
@@ -90,8 +71,8 @@ def bench(kind, problem, device, repeats, candidates=64, steps=20, batch=64):
             select_actions(model, obs, candidates=candidates, steps=steps,
                            selection="first" if kind != "dp" else "expectation", generator=g)
 
-    t_train = _median_s(train_step, repeats, device)
-    t_dec = _median_s(decide, max(3, repeats // 2), device)
+    t_train = median_seconds(train_step, repeats, device, warmup=2)
+    t_dec = median_seconds(decide, max(3, repeats // 2), device, warmup=2)
     return {"kind": kind, "problem": problem, "params": count_parameters(model.net),
             "train_step_ms": 1000 * t_train, "train_samples_per_s": batch / t_train,
             "decision_ms": 1000 * t_dec, "candidates": candidates, "denoise_steps": steps}
