@@ -228,12 +228,14 @@ def test_known_entries_fixed_in_xt_and_excluded_from_loss():
 
     x0 = torch.randn(8, 5, 3)
     known = random_prefix_mask(8, 5, 3, dims=[0, 1], generator=torch.Generator().manual_seed(0))
-    out = p.loss(net, x0, known=known)
+    noise = torch.randn_like(x0)
+    out = p.loss(net, x0, known=known, noise=noise)
     assert torch.equal(seen["x"][known], x0[known])
     noise_free = torch.zeros_like(x0)
     # with a zero net the eps-loss is the mean of noise² over free entries only
     assert out["loss"].item() > 0
     assert noise_free.shape == x0.shape
+    torch.testing.assert_close(out["loss"], noise[~known].pow(2).mean())
 
 
 def test_random_prefix_mask_is_causal():

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_path, write_json
 from .eval.distances import energy_distance, gaussian_moment_match
 from .processes import DiffusionProcess, build_process
+from .train.trainer import resolve_device
 
 __all__ = ["ToyConfig", "make_process", "run_toy", "toy_data", "train_toy_model"]
 
@@ -93,16 +94,6 @@ def make_process(name: str) -> DiffusionProcess:
         return build_process(name, num_train_steps=100, schedule="cosine", prediction="v",
                              default_steps=DEFAULT_STEPS[name])
     return build_process(name, default_steps=DEFAULT_STEPS[name])
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" picks CUDA when present; anything else is passed to ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} requested but CUDA is not available")
-    return dev
 
 
 def train_toy_model(cfg: ToyConfig, process: DiffusionProcess, data: np.ndarray,

@@ -138,19 +138,22 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
     if (fdir / "config.json").exists():
         model = ControlModel.load(fdir, device=args.device)
         _log(f"foundation: loaded {fdir}")
+        trained = False
     else:
+        trained = True
         targs = TrainArgs(out=fdir, task=task_name, model=args.model, process=args.process,
                           layout_seed=args.layout_seed, episodes=P["data_episodes"],
                           steps=P["foundation_steps"], seed=args.seed, device=args.device,
                           progress=args.progress)
         _log(f"foundation: training {args.model}/{args.process} for {targs.steps} steps")
         model, _, _ = train_model(targs)
-    foundation_s = _remember(out, "foundation_train_s", time.perf_counter() - t0)
+    foundation_s = _remember(out, "foundation_train_s", time.perf_counter() - t0, trained)
 
     # 3. critic
     t0 = time.perf_counter()
     cdir = out / "critic"
-    if (cdir / "config.json").exists():
+    trained = not (cdir / "config.json").exists()
+    if not trained:
         critic = IQLCritic.load(cdir, device=args.device)
         _log(f"critic: loaded {cdir}")
     else:
@@ -158,7 +161,7 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
         critic = train_critic(task.episodes, CriticConfig(steps=P["critic_steps"], seed=args.seed,
                                                           device=args.device),
                               out_dir=cdir, progress=args.progress)
-    _remember(out, "critic_train_s", time.perf_counter() - t0)
+    _remember(out, "critic_train_s", time.perf_counter() - t0, trained)
 
     episodes = args.eval_episodes or P["eval_episodes"]
     stages: list[dict] = []
@@ -259,12 +262,12 @@ def _remembered(out: Path) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def _remember(out: Path, key: str, seconds: float) -> float:
-    """Store a step's wall time the first time it runs; later (resumed) runs read it back."""
+def _remember(out: Path, key: str, seconds: float, ran: bool) -> float:
+    """Store a step's wall time when the step ran; when it was loaded, read the stored one."""
     from ..atomic import write_json
 
     known = _remembered(out)
-    if key not in known or seconds > 1.0:
-        known[key] = seconds if key not in known else max(known[key], seconds)
+    if ran or key not in known:
+        known[key] = seconds
         write_json(out / "timings.json", known)
     return float(known[key])

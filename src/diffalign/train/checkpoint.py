@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_path, write_json
 
-__all__ = ["CheckpointError", "load_model_files", "load_tensors", "save_model", "save_tensors"]
+__all__ = ["CheckpointError", "load_model_files", "load_tensors", "read_json", "save_model",
+           "save_tensors"]
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -45,6 +46,17 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu"
         raise CheckpointError(f"corrupted checkpoint file {path}: {e}") from e
 
 
+def read_json(path: str | Path, missing: str) -> dict:
+    """Parse a checkpoint's JSON file; ``missing`` explains an absent file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"corrupted {path}: {e}") from e
+
+
 def save_model(directory: str | Path, module: torch.nn.Module, config: dict,
                extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (``module.state_dict()`` + extras).
@@ -70,11 +82,6 @@ def load_model_files(directory: str | Path, device: str | torch.device = "cpu"
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    cfg_path = directory / CONFIG
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{directory} has no {CONFIG}: not a diffalign checkpoint")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"corrupted {cfg_path}: {e}") from e
+    config = read_json(directory / CONFIG,
+                       f"{directory} has no {CONFIG}: not a diffalign checkpoint")
     return config, load_tensors(directory / WEIGHTS, device)

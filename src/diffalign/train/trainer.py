@@ -23,7 +23,6 @@ Multi-process training: see :mod:`diffalign.train.distributed`
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import warnings
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import write_json
-from .checkpoint import CheckpointError, load_tensors, save_model, save_tensors
+from .checkpoint import CheckpointError, load_tensors, read_json, save_model, save_tensors
 from .distributed import (
     DistInfo,
     all_reduce_grads,
@@ -292,12 +291,7 @@ def load_train_state(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
     """``(meta, tensors)`` of a state written by :func:`save_train_state`."""
     directory = Path(directory)
     path = directory / STATE_JSON
-    if not path.is_file():
-        raise CheckpointError(f"{directory} has no {STATE_JSON}: no complete training state")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"corrupted {path}: {e}") from e
+    meta = read_json(path, f"{directory} has no {STATE_JSON}: no complete training state")
     if meta.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}")
     return meta, load_tensors(directory / meta["tensors"])
