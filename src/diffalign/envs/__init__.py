@@ -1,4 +1,6 @@
-"""Environments. Importing this package registers ``diffalign/Nav1D-v0`` with gymnasium.
+"""Environments. Importing this package registers ``diffalign/Nav1D-v0`` with gymnasium, and
+the simulator adapters (:mod:`diffalign.envs.adapters`) as ``diffalign/FAMILY.NAME-v0``
+(their simulators are imported only when one is made).
 
 Registration is skipped silently when gymnasium (the ``envs`` extra) is not installed, and is
 idempotent, so re-importing (or calling :func:`register_envs` again) never errors.
@@ -17,6 +19,9 @@ def register_envs() -> bool:
         return False
     if NAV1D_ID not in registry:
         register(id=NAV1D_ID, entry_point="diffalign.envs.nav1d:Nav1DEnv")
+    from .adapters import register_sim_envs
+
+    register_sim_envs()
     return True
 
 
