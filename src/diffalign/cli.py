@@ -72,6 +72,8 @@ COMMANDS: dict[str, Command] = {
                              _nav1d_optimum),
     "data nav1d": Command("write a Nav1D dataset (partial/full/expert) as HDF5 or Minari",
                           _data_nav1d),
+    "collect": Command("collect an offline dataset in a simulator (MetaWorld, MuJoCo, ...)",
+                       _loader("collect", "CollectArgs", "collect_main")),
 }
 
 #: Exceptions that are the user's input being wrong: reported in one line, exit code 2.

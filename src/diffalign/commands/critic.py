@@ -21,7 +21,11 @@ class CriticArgs:
     out: Path
     """Output directory: config.json + model.safetensors (+ train_state/, metrics)."""
     task: str = "nav1d/full"
-    """nav1d/{partial,full,expert}, a D4RL/robomimic HDF5 file, or a local Minari id."""
+    """nav1d/{partial,full,expert}; FAMILY/NAME/DATASET (mujoco/hopper/medium,
+    metaworld/button-press-v3/expert: see `diffalign collect`); a D4RL/robomimic HDF5 file;
+    or a local Minari id."""
+    download: bool = False
+    """Download a Minari --task (FAMILY/NAME/DATASET-vN) that is not found locally."""
     layout_seed: int = 0
     """Nav1D reward layout seed."""
     episodes: int = 1000
@@ -116,7 +120,7 @@ def critic_main(args: CriticArgs) -> dict[str, Any]:
     from diffalign.tasks import resolve_task
 
     task = resolve_task(args.task, layout_seed=args.layout_seed, episodes=args.episodes,
-                        seed=args.data_seed)
+                        seed=args.data_seed, download=args.download)
     cfg = args.critic_config()
     critic = train_critic(task.episodes, cfg, args.out, progress=args.progress)
     data = transitions_from_episodes(task.episodes,

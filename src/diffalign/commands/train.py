@@ -26,7 +26,11 @@ class TrainArgs:
     out: Path
     """Output directory (config.json, model.safetensors, metrics, train_state/)."""
     task: str = "nav1d/full"
-    """nav1d/{partial,full,expert}, a D4RL/robomimic HDF5 file or a local Minari dataset id."""
+    """nav1d/{partial,full,expert}; FAMILY/NAME/DATASET (mujoco/hopper/medium,
+    metaworld/button-press-v3/expert: see `diffalign collect`); a D4RL/robomimic HDF5 file;
+    or a local Minari dataset id."""
+    download: bool = False
+    """Download a Minari --task (FAMILY/NAME/DATASET-vN) that is not found locally."""
     model: Literal["diffuser", "dd", "dp", "synther"] = "diffuser"
     """diffuser: state-action plans; dd: Decision Diffuser (states + inverse dynamics);
     dp: Diffusion Policy (action chunks); synther: transition up-sampler."""
@@ -98,7 +102,8 @@ def train_model(args: TrainArgs):
     from ..tasks import resolve_task
     from ..train.trainer import TrainConfig, fit
 
-    task = resolve_task(args.task, layout_seed=args.layout_seed, episodes=args.episodes)
+    task = resolve_task(args.task, layout_seed=args.layout_seed, episodes=args.episodes,
+                        download=args.download)
     overrides = {k: getattr(args, k) for k in ("horizon", "obs_history", "action_horizon")
                  if getattr(args, k) is not None}
     model = build_model(args.model, args.process, args.backbone, obs_dim=task.obs_dim,

@@ -27,6 +27,7 @@ __all__ = [
     "read_minari",
     "read_robomimic_hdf5",
     "write_d4rl_hdf5",
+    "write_minari",
     "write_robomimic_hdf5",
 ]
 
@@ -393,11 +394,83 @@ def read_minari(dataset_id_or_path: PathLike) -> Episodes:
     env_spec = getattr(ds, "env_spec", None)
     if env_spec is not None:
         meta["env_id"] = env_spec.id
+        if getattr(env_spec, "max_episode_steps", None) is not None:
+            meta["max_episode_steps"] = int(env_spec.max_episode_steps)
+        kwargs = getattr(env_spec, "kwargs", None)
+        if kwargs:
+            meta["env_kwargs"] = json.dumps(kwargs, default=str)
     for key in ("ref_min_score", "ref_max_score", "algorithm_name", "minari_version"):
         if storage_meta.get(key) is not None:
             meta[key] = _py(storage_meta[key])
     meta["source"] = where
     return Episodes.from_episode_list(eps, meta=meta)
+
+
+def write_minari(
+    episodes: Episodes,
+    dataset_id: str,
+    env_id: str,
+    env_kwargs: Mapping[str, Any] | None = None,
+    algorithm_name: str | None = None,
+    description: str | None = None,
+) -> Any:
+    """Create the local Minari dataset ``dataset_id`` from ``episodes`` (which need
+    ``next_observations``: Minari keeps ``T + 1`` observations per episode).
+
+    ``env_id``/``env_kwargs``: the gymnasium env the data comes from (``gym.make`` must know
+    it; its spec is stored with the dataset). ``ref_min_score``/``ref_max_score`` are taken
+    from ``episodes.meta`` when set. The dataset lands in Minari's root
+    (``MINARI_DATASETS_PATH``, default ``~/.minari/datasets``); an existing one raises
+    ``ValueError``. Needs ``minari``. Returns the ``MinariDataset``.
+    """
+    import warnings
+
+    import gymnasium as gym
+
+    try:
+        import minari
+        from minari.data_collector.episode_buffer import EpisodeBuffer
+    except ImportError as exc:
+        raise ImportError("writing Minari datasets needs minari: "
+                          "pip install minari==0.5.4") from exc
+    if episodes.next_observations is None:
+        raise DatasetError(f"{dataset_id}: Minari needs next_observations, the dataset has none")
+    buffers = []
+    for i in range(len(episodes)):
+        ep = episodes.episode(i)
+        obs = np.concatenate([ep["observations"], ep["next_observations"][-1:]])
+        buffers.append(
+            EpisodeBuffer(
+                id=i,
+                observations=np.asarray(obs, dtype=np.float32),
+                actions=np.asarray(ep["actions"], dtype=np.float32),
+                rewards=list(np.asarray(ep["rewards"], dtype=np.float64)),
+                terminations=list(np.asarray(ep["terminals"], dtype=bool)),
+                truncations=list(np.asarray(ep["timeouts"], dtype=bool)),
+                infos={},
+            )
+        )
+    env = gym.make(env_id, **dict(env_kwargs or {}))
+    meta = episodes.meta
+    refs = {}
+    if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+        refs = {"ref_min_score": float(meta["ref_min_score"]),
+                "ref_max_score": float(meta["ref_max_score"])}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`(code_permalink|author|author_email)`")
+            warnings.filterwarnings("ignore", message=r"`eval_env` is set to None")
+            return minari.create_dataset_from_buffers(
+                dataset_id=dataset_id,
+                buffer=buffers,
+                env=env,
+                algorithm_name=algorithm_name or str(meta.get("policy", "unknown")),
+                description=description or f"{env_id}: {len(episodes)} episodes",
+                requirements=["diffalign"],
+                **refs,
+            )
+    finally:
+        env.close()
 
 
 # ---------------------------------------------------------------------- dispatch

@@ -1,0 +1,200 @@
+"""``diffalign collect TASK --policy … --episodes N --out FILE``: offline data from a simulator.
+
+TASK is a simulator task of :mod:`diffalign.envs.adapters` (``metaworld/button-press-v3``,
+``mujoco/hopper``, …), or ``FAMILY/NAME/POLICY`` (``mujoco/hopper/medium``), which also
+names the policy and, without ``--out``, writes where ``--task FAMILY/NAME/POLICY`` finds it
+(:func:`diffalign.tasks.sim_dataset_path`).
+"""
+
+from __future__ import annotations
+
+import json as _json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tyro
+
+__all__ = ["CollectArgs", "collect_main", "collect_task"]
+
+
+@dataclass
+class CollectArgs:
+    """Collect an offline dataset in a simulator (D4RL-layout HDF5 or a Minari dataset)."""
+
+    task: Annotated[str, tyro.conf.Positional]
+    """FAMILY/NAME: mujoco/{hopper,halfcheetah,walker2d}, metaworld/{button-press-v3,
+    drawer-open-v3,sweep-into-v3,plate-slide-v3}, pusht/pusht, kitchen/{complete,partial,mixed},
+    antmaze/{umaze,medium,large}; or FAMILY/NAME/POLICY."""
+    policy: str | None = None
+    """expert (MetaWorld's scripted policy), noisy (expert + Gaussian noise of std --noise),
+    random (uniform actions), medium (MuJoCo: a SAC agent trained here to --target-return).
+    Default: the task's first (metaworld: expert, others: random)."""
+    episodes: int = 100
+    """Number of episodes."""
+    out: Path | None = None
+    """Output .hdf5/.h5 file, or with --format minari the Minari dataset id. Default:
+    $DIFFALIGN_DATA/FAMILY/NAME-POLICY.hdf5 (DIFFALIGN_DATA defaults to ~/.diffalign/data),
+    where --task FAMILY/NAME/POLICY finds it."""
+    format: Literal["auto", "hdf5", "minari"] = "auto"
+    """auto: HDF5 (--out must end in .hdf5/.h5); minari: --out is a Minari dataset id such as
+    mujoco/hopper/random-v0 (written under MINARI_DATASETS_PATH, default ~/.minari/datasets)."""
+    seed: int = 0
+    """Episode i is reset with seed + i; seeds the policy's noise and the SAC agent."""
+    max_episode_steps: int | None = None
+    """Time limit per episode (default: mujoco 1000, metaworld 200, pusht 300, kitchen 280,
+    antmaze 700)."""
+    noise: float = 0.1
+    """Std of the Gaussian action noise of --policy noisy (actions lie in [-1, 1])."""
+    target_return: float | None = None
+    """medium: train SAC until its return reaches this (default: a D4RL-normalised score of
+    40: hopper 1281, halfcheetah 4686, walker2d 1838)."""
+    max_train_steps: int = 300_000
+    """medium: SAC environment-step budget (about 27 s per 1000 steps on a 2-core CPU)."""
+    eval_every: int = 5000
+    """medium: evaluate (5 episodes), save the agent and check the target every this many
+    steps."""
+    task_seed: int = 0
+    """metaworld: seed of the benchmark's 50 goal variations (MT1)."""
+    progress: bool = True
+    """Show progress bars."""
+    json: bool = False
+    """Print the summary as one JSON object."""
+
+    def __post_init__(self) -> None:
+        from diffalign.envs.adapters import SIM_TASKS, sim_spec
+
+        parts = self.task.split("/")
+        if len(parts) == 3:
+            if self.policy is not None and self.policy != parts[2]:
+                raise ValueError(f"task {self.task!r} names policy {parts[2]!r} but "
+                                 f"policy={self.policy!r}")
+            self.policy = parts[2]
+            self.task = "/".join(parts[:2])
+        spec = sim_spec(self.task)  # ValueError naming an unknown task
+        if self.policy is None:
+            self.policy = spec.policies[0]
+        if self.policy not in spec.policies:
+            hint = ""
+            if spec.family == "pusht" and self.policy in ("expert", "noisy"):
+                hint = " (there is no scripted PushT policy)"
+            raise ValueError(f"unknown policy {self.policy!r} for task {self.task!r}{hint}; "
+                             f"choose one of {', '.join(spec.policies)}")
+        n = self.episodes
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"episodes must be an integer >= 1, got episodes={n!r}")
+        if self.max_episode_steps is not None and self.max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be >= 1, got "
+                             f"max_episode_steps={self.max_episode_steps}")
+        if self.max_train_steps < 1:
+            raise ValueError(f"max_train_steps must be >= 1, got "
+                             f"max_train_steps={self.max_train_steps}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got eval_every={self.eval_every}")
+        if not self.noise >= 0:
+            raise ValueError(f"noise must be >= 0, got noise={self.noise}")
+        if self.policy == "noisy" and self.noise == 0:
+            raise ValueError("policy 'noisy' needs noise > 0, got noise=0.0")
+        if self.format not in ("auto", "hdf5", "minari"):
+            raise ValueError(f"format must be auto, hdf5 or minari, got format={self.format!r}")
+        if self.format == "minari":
+            if self.out is None:
+                raise ValueError("format='minari' needs --out DATASET_ID, e.g. "
+                                 f"{self.task}/{self.policy}-v0")
+            self.out = Path(self.out)
+            return
+        if self.out is None:
+            from diffalign.tasks import sim_dataset_path
+
+            self.out = sim_dataset_path(self.task, self.policy)
+        self.out = Path(self.out)
+        if self.out.is_dir():
+            raise ValueError(f"out {str(self.out)!r} exists and is a directory, not a file")
+        if self.out.suffix.lower() not in (".hdf5", ".h5"):
+            raise ValueError(f"out must end in .hdf5 or .h5, got out={str(self.out)!r} (for a "
+                             "Minari dataset give --format minari and its id as --out)")
+        assert self.task in SIM_TASKS
+
+
+def collect_main(args: CollectArgs) -> dict[str, Any]:
+    """Collect, write and summarise the dataset; returns the printed summary."""
+    from diffalign.data import collect as col
+    from diffalign.envs.adapters import sim_spec
+
+    spec = sim_spec(args.task)
+    out = Path(args.out)
+    agent: dict[str, Any] | None = None
+    if args.policy == "medium":
+        agent_at = None if args.format == "minari" else out
+        eps, info = col.collect_medium(args.task, agent_at, episodes=args.episodes,
+                                       seed=args.seed, target_return=args.target_return,
+                                       max_train_steps=args.max_train_steps,
+                                       max_episode_steps=args.max_episode_steps,
+                                       eval_every=args.eval_every, progress=args.progress)
+        agent = {k: info.get(k) for k in ("train_steps", "eval_return", "target_return",
+                                           "reached", "train_s")}
+        agent["path"] = eps.meta.get("agent")
+    else:
+        eps = col.collect_episodes(args.task, args.policy, episodes=args.episodes,
+                                   seed=args.seed, max_episode_steps=args.max_episode_steps,
+                                   noise=args.noise, task_seed=args.task_seed,
+                                   progress=args.progress)
+    if args.format == "minari":
+        from diffalign.data.readers import write_minari
+
+        write_minari(eps, str(out), env_id=spec.gym_id, env_kwargs=eps.meta["env_kwargs"],
+                     algorithm_name=f"diffalign collect --policy {args.policy}",
+                     description=f"{args.task}: {len(eps)} episodes of policy {args.policy} "
+                                 f"(diffalign collect, seed {args.seed})")
+        from minari.storage import get_dataset_path
+
+        written = str(get_dataset_path(str(out)))
+    else:
+        from diffalign.data.readers import write_d4rl_hdf5
+
+        written = str(write_d4rl_hdf5(out, eps))
+    returns = eps.returns()
+    meta = eps.meta
+    summary: dict[str, Any] = {
+        "task": args.task, "policy": args.policy, "path": written, "format":
+        "minari" if args.format == "minari" else "hdf5", "episodes": len(eps),
+        "steps": eps.num_steps, "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()), "collect_s": meta.get("collect_s"),
+    }
+    rmin, rmax = meta.get("ref_min_score"), meta.get("ref_max_score")
+    if rmin is not None and rmax is not None and rmax != rmin:
+        summary["normalized"] = 100.0 * (summary["return_mean"] - rmin) / (rmax - rmin)
+        summary["ref_min_score"], summary["ref_max_score"] = rmin, rmax
+    if meta.get("success_rate") is not None:
+        summary["success_rate"] = meta["success_rate"]
+    if agent is not None:
+        summary["agent"] = agent
+    if args.json:
+        print(_json.dumps(summary))
+    else:
+        line = (f"wrote {written}: {summary['episodes']} episodes, {summary['steps']} steps, "
+                f"return {summary['return_mean']:.1f} ± {summary['return_std']:.1f}")
+        if "normalized" in summary:
+            line += f" (normalised {summary['normalized']:.1f})"
+        if "success_rate" in summary:
+            line += f", success rate {summary['success_rate']:.2f}"
+        print(line + f", {summary['collect_s']:.1f} s")
+    return summary
+
+
+#: Episodes and SAC budget of :func:`collect_task` (used by ``diffalign bench``).
+COLLECT_TASK_SIZES = {False: {"episodes": 100, "max_train_steps": 300_000},
+                      True: {"episodes": 10, "max_train_steps": 10_000}}
+
+
+def collect_task(task: str, quick: bool = False) -> Path:
+    """Collect dataset ``FAMILY/NAME/POLICY`` where ``resolve_task`` finds it (the default
+    --out); ``quick``: 10 episodes and a SAC budget of 10k steps instead of 100 and 300k."""
+    parts = task.split("/")
+    if len(parts) != 3:
+        raise ValueError(f"collect_task needs FAMILY/NAME/POLICY, got {task!r}")
+    size = COLLECT_TASK_SIZES[bool(quick)]
+    args = CollectArgs(task=task, episodes=size["episodes"],
+                       max_train_steps=size["max_train_steps"])
+    collect_main(args)
+    return Path(args.out)

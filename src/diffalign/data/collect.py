@@ -1,0 +1,449 @@
+"""Collecting offline datasets in the simulator adapters (``diffalign collect``).
+
+Behaviour policies:
+
+* ``random``: uniform actions over the action box (every task);
+* ``expert``: MetaWorld's scripted policy of the task (``metaworld.policies``);
+* ``noisy``: the same plus Gaussian action noise of std ``noise`` (clipped to the box);
+* ``medium``: a stable-baselines3 SAC agent trained here until its (stochastic) return
+  reaches a target (default: a D4RL-normalised score of 40, about D4RL's medium level), or a
+  step budget runs out; its weights are kept as safetensors + JSON and reused.
+
+Episode ``i`` is reset with seed ``seed + i``; policy noise comes from a generator seeded with
+``seed``, so a collection is reproducible. The result is an :class:`Episodes` whose ``meta``
+holds ``task, env_id, env_kwargs, policy, seed, ref_min_score, ref_max_score,
+success_rate, return_mean, …`` (written as HDF5 attributes by ``write_d4rl_hdf5``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..envs.adapters import make_sim_env, sim_spec
+from .episodes import Episodes
+
+__all__ = [
+    "DEFAULT_TARGET_SCORE",
+    "collect_episodes",
+    "default_target_return",
+    "make_policy",
+    "metaworld_expert_return",
+    "train_sac",
+]
+
+#: D4RL-normalised score the ``medium`` agent is trained to by default (D4RL's medium
+#: datasets score about 40-60; a third of the expert, as the D4RL paper describes them).
+DEFAULT_TARGET_SCORE = 40.0
+
+#: Episodes (reset seeds 0, 1, …) over which MetaWorld's scripted expert's mean return is
+#: measured: the ``ref_max_score`` of MetaWorld datasets (their ``ref_min_score`` is 0).
+_REF_EPISODES = 50
+
+#: That reference, measured once for the default horizon (200) and task seed (0): the scripted
+#: expert's mean return over reset seeds 0-49 (button-press 50/50 successes, drawer-open
+#: 50/50, sweep-into 44/50, plate-slide 50/50). Other horizons are measured when collecting.
+METAWORLD_EXPERT_RETURN = {
+    ("button-press-v3", 200, 0): 207.23,
+    ("drawer-open-v3", 200, 0): 1348.39,
+    ("sweep-into-v3", 200, 0): 762.00,
+    ("plate-slide-v3", 200, 0): 1609.32,
+}
+
+
+def default_target_return(task: str) -> float:
+    """The return a ``medium`` agent is trained to by default: D4RL-normalised 40."""
+    spec = sim_spec(task)
+    if spec.ref_min is None or spec.ref_max is None:
+        raise ValueError(f"task {task!r} has no reference scores: give --target-return")
+    return round(spec.ref_min + DEFAULT_TARGET_SCORE / 100.0 * (spec.ref_max - spec.ref_min))
+
+
+# ---------------------------------------------------------------------- policies
+class RandomPolicy:
+    """Uniform actions in the env's action box."""
+
+    name = "random"
+
+    def __init__(self, action_space) -> None:
+        self.low = np.asarray(action_space.low, np.float32)
+        self.high = np.asarray(action_space.high, np.float32)
+
+    def reset(self) -> None:
+        pass
+
+    def __call__(self, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return rng.uniform(self.low, self.high).astype(np.float32)
+
+
+class MetaWorldExpert:
+    """MetaWorld's scripted policy of a task, plus optional Gaussian action noise."""
+
+    def __init__(self, env_name: str, noise: float = 0.0) -> None:
+        import warnings
+
+        from metaworld.policies import ENV_POLICY_MAP
+
+        if env_name not in ENV_POLICY_MAP:
+            raise ValueError(f"metaworld has no scripted policy for {env_name!r}")
+        self.policy = ENV_POLICY_MAP[env_name]()
+        self.noise = float(noise)
+        self.name = "expert" if self.noise == 0 else "noisy"
+        # "Constant(s) may be too high. Environments clip response to [-1, 1]": they do.
+        warnings.filterwarnings("ignore", message="Constant", category=UserWarning,
+                                module="metaworld")
+
+    def reset(self) -> None:
+        pass
+
+    def __call__(self, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        a = np.asarray(self.policy.get_action(np.asarray(obs, np.float64)), np.float32)
+        if self.noise > 0:
+            a = a + rng.normal(0.0, self.noise, a.shape).astype(np.float32)
+        return np.clip(a, -1.0, 1.0)
+
+
+class SB3Policy:
+    """A stable-baselines3 agent acting stochastically (as D4RL's behaviour agents did)."""
+
+    def __init__(self, model, deterministic: bool = False, name: str = "medium") -> None:
+        self.model = model
+        self.deterministic = deterministic
+        self.name = name
+
+    def reset(self) -> None:
+        pass
+
+    def __call__(self, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        a, _ = self.model.predict(obs, deterministic=self.deterministic)
+        return np.asarray(a, np.float32)
+
+
+def make_policy(task: str, policy: str, env, noise: float = 0.1, model=None):
+    """The behaviour policy ``policy`` of ``task``; ``ValueError`` naming it when the task
+    has no such policy."""
+    spec = sim_spec(task)
+    if policy not in spec.policies:
+        hint = ""
+        if spec.family == "pusht" and policy == "expert":
+            hint = " (there is no scripted PushT policy; collect random data, or bring " \
+                   "demonstrations as a Minari/HDF5 file)"
+        raise ValueError(f"unknown policy {policy!r} for task {task!r}{hint}; choose one of "
+                         f"{', '.join(spec.policies)}")
+    if policy == "random":
+        return RandomPolicy(env.action_space)
+    if policy in ("expert", "noisy"):
+        if policy == "noisy" and noise <= 0:
+            raise ValueError(f"policy 'noisy' needs noise > 0, got noise={noise}")
+        return MetaWorldExpert(spec.name, noise=noise if policy == "noisy" else 0.0)
+    if policy == "medium":
+        if model is None:
+            raise ValueError("policy 'medium' needs a trained agent (train_sac)")
+        return SB3Policy(model)
+    raise ValueError(f"unknown policy {policy!r}")  # pragma: no cover
+
+
+# ---------------------------------------------------------------------- collection
+def _run_episode(env, policy, seed: int, rng: np.random.Generator) -> dict[str, Any]:
+    obs, _ = env.reset(seed=seed)
+    policy.reset()
+    cols: dict[str, list] = {k: [] for k in ("observations", "actions", "rewards",
+                                             "terminals", "timeouts", "next_observations")}
+    success: bool | None = None
+    done = False
+    while not done:
+        a = policy(obs, rng)
+        nxt, r, term, trunc, info = env.step(a)
+        cols["observations"].append(obs)
+        cols["actions"].append(np.asarray(a, np.float32))
+        cols["rewards"].append(r)
+        cols["terminals"].append(bool(term))
+        cols["timeouts"].append(bool(trunc) and not bool(term))
+        cols["next_observations"].append(nxt)
+        if "success" in info:
+            success = bool(success) or bool(info["success"])
+        obs = nxt
+        done = bool(term) or bool(trunc)
+    ep = {k: np.asarray(v) for k, v in cols.items()}
+    ep["success"] = success
+    return ep
+
+
+def collect_episodes(task: str, policy: str = "random", episodes: int = 100, seed: int = 0,
+                     max_episode_steps: int | None = None, noise: float = 0.1, model=None,
+                     task_seed: int = 0, progress: bool = True,
+                     extra_meta: dict | None = None) -> Episodes:
+    """Run ``episodes`` episodes of ``policy`` in ``task`` and return them as Episodes."""
+    spec = sim_spec(task)
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be an integer >= 1, got episodes={episodes!r}")
+    h = int(max_episode_steps or spec.max_episode_steps)
+    env_kwargs: dict[str, Any] = {"max_episode_steps": h}
+    if spec.family == "metaworld":
+        env_kwargs["task_seed"] = int(task_seed)
+    env = make_sim_env(task, **env_kwargs)
+    pol = make_policy(task, policy, env, noise=noise, model=model)
+    rng = np.random.default_rng(seed)
+    eps, succ = [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=episodes, desc=f"collect {task} {policy}", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        for i in range(episodes):
+            ep = _run_episode(env, pol, seed + i, rng)
+            flag = ep.pop("success")
+            if flag is not None:
+                succ.append(bool(flag))
+            eps.append(ep)
+            if bar is not None:
+                ret = float(np.sum(ep["rewards"]))
+                post = {"return": f"{ret:.1f}"}
+                if succ:
+                    post["success"] = f"{np.mean(succ):.2f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+    finally:
+        env.close()
+        if bar is not None:
+            bar.close()
+    returns = np.array([float(np.sum(e["rewards"])) for e in eps])
+    meta: dict[str, Any] = {
+        "task": task,
+        "env_id": spec.gym_id,
+        "env_kwargs": env_kwargs,
+        "max_episode_steps": h,
+        "policy": policy,
+        "seed": int(seed),
+        "episodes": int(episodes),
+        "collector": "diffalign collect",
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+        "collect_s": time.perf_counter() - t0,
+    }
+    if policy == "noisy":
+        meta["noise"] = float(noise)
+    if spec.family == "metaworld":
+        meta["task_seed"] = int(task_seed)
+    if succ:
+        meta["success_rate"] = float(np.mean(succ))
+    if spec.ref_min is not None and spec.ref_max is not None:
+        meta["ref_min_score"], meta["ref_max_score"] = spec.ref_min, spec.ref_max
+    elif spec.family == "metaworld":
+        meta["ref_min_score"] = 0.0
+        meta["ref_max_score"] = metaworld_expert_return(spec.name, h, int(task_seed))
+        meta["ref_max_note"] = (f"mean return of the scripted expert over reset seeds "
+                                f"0-{_REF_EPISODES - 1}, {h} steps, task_seed {task_seed}")
+    meta.update(extra_meta or {})
+    return Episodes.from_episode_list(eps, meta=meta)
+
+
+@functools.lru_cache(maxsize=32)
+def metaworld_expert_return(env_name: str, max_episode_steps: int, task_seed: int = 0,
+                            episodes: int = _REF_EPISODES, measure: bool = False) -> float:
+    """Mean return of MetaWorld's scripted expert over reset seeds ``0 … episodes - 1``: the
+    ``ref_max_score`` of MetaWorld datasets. Taken from :data:`METAWORLD_EXPERT_RETURN` when
+    it holds the setting (unless ``measure``), measured otherwise."""
+    key = (env_name, int(max_episode_steps), int(task_seed))
+    if not measure and episodes == _REF_EPISODES and key in METAWORLD_EXPERT_RETURN:
+        return METAWORLD_EXPERT_RETURN[key]
+    env = make_sim_env(f"metaworld/{env_name}", max_episode_steps=max_episode_steps,
+                       task_seed=task_seed)
+    pol = MetaWorldExpert(env_name)
+    rng = np.random.default_rng(0)
+    try:
+        rets = [float(np.sum(_run_episode(env, pol, i, rng)["rewards"]))
+                for i in range(episodes)]
+    finally:
+        env.close()
+    return float(np.mean(rets))
+
+
+# ---------------------------------------------------------------------- SAC behaviour agent
+def _import_sb3():
+    try:
+        import stable_baselines3
+    except ImportError as exc:
+        raise ImportError(
+            "policy 'medium' trains a SAC agent with stable-baselines3: pip install "
+            f"\"diffalign[sac]\" (or: pip install stable-baselines3); import failed: {exc}"
+        ) from exc
+    return stable_baselines3
+
+
+def agent_paths(out: str | Path) -> tuple[Path, Path]:
+    """Where the behaviour agent of the dataset ``out`` is kept: ``<out stem>.sac.safetensors``
+    and ``<out stem>.sac.json`` beside it."""
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix else out
+    return stem.with_name(stem.name + ".sac.safetensors"), stem.with_name(stem.name + ".sac.json")
+
+
+def _save_agent(model, weights: Path, info: dict) -> None:
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_path, write_json
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.policy.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
+    write_json(weights.with_suffix(".json"), info)
+
+
+def _evaluate_agent(model, task: str, h: int, episodes: int, seed: int) -> float:
+    env = make_sim_env(task, max_episode_steps=h)
+    pol = SB3Policy(model)
+    rng = np.random.default_rng(seed)
+    try:
+        return float(np.mean([np.sum(_run_episode(env, pol, seed + i, rng)["rewards"])
+                              for i in range(episodes)]))
+    finally:
+        env.close()
+
+
+def train_sac(task: str, target_return: float | None = None, max_train_steps: int = 300_000,
+              seed: int = 0, agent_path: str | Path | None = None,
+              max_episode_steps: int | None = None, eval_every: int = 5000,
+              eval_episodes: int = 5, learning_starts: int | None = None,
+              device: str = "auto", progress: bool = True) -> tuple[Any, dict]:
+    """Train a SAC agent on ``task`` until its mean stochastic return over ``eval_episodes``
+    episodes reaches ``target_return`` (checked every ``eval_every`` steps) or
+    ``max_train_steps`` steps are spent. Returns ``(model, info)``.
+
+    With ``agent_path`` (``….sac.safetensors``) the weights and ``info`` (JSON beside them)
+    are saved at every evaluation, and an agent saved there that finished with the same task
+    and at least the same target (or the same budget) is loaded instead of trained again.
+    """
+    sb3 = _import_sb3()
+    spec = sim_spec(task)
+    if target_return is None:
+        target_return = default_target_return(task)
+    if isinstance(max_train_steps, bool) or int(max_train_steps) < 1:
+        raise ValueError(f"max_train_steps must be >= 1, got max_train_steps={max_train_steps}")
+    h = int(max_episode_steps or spec.max_episode_steps)
+    env = make_sim_env(task, max_episode_steps=h)
+    starts = learning_starts if learning_starts is not None else \
+        min(10_000, max(100, max_train_steps // 10))
+    model = sb3.SAC("MlpPolicy", env, seed=seed, verbose=0, device=device,
+                    learning_starts=starts)
+    weights = Path(agent_path) if agent_path is not None else None
+    if weights is not None and weights.exists() and weights.with_suffix(".json").exists():
+        info = json.loads(weights.with_suffix(".json").read_text())
+        same = info.get("task") == task and info.get("max_episode_steps") == h
+        done = info.get("finished") and (
+            (info.get("reached") and float(info.get("target_return", -np.inf)) >= target_return)
+            or (not info.get("reached") and info.get("target_return") == target_return
+                and int(info.get("max_train_steps", 0)) >= max_train_steps))
+        if same and done:
+            from safetensors.torch import load_file
+
+            model.policy.load_state_dict(load_file(str(weights)))
+            print(f"SAC agent for {task}: reusing {weights} ({info['train_steps']} steps, "
+                  f"return {info['eval_return']:.1f})", flush=True)
+            env.close()
+            return model, dict(info, reused=True)
+
+    info: dict[str, Any] = {
+        "task": task, "algorithm": "SAC (stable-baselines3 defaults)", "seed": seed,
+        "target_return": float(target_return), "max_train_steps": int(max_train_steps),
+        "max_episode_steps": h, "train_steps": 0, "eval_return": None, "reached": False,
+        "finished": False, "train_s": 0.0, "evals": [],
+    }
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(max_train_steps), desc=f"SAC {task} (target {target_return:.0f})",
+                   dynamic_ncols=True, unit="step")
+    t0 = time.perf_counter()
+
+    def evaluate_now(steps: int) -> bool:
+        ret = _evaluate_agent(model, task, h, eval_episodes, seed=10_000 + steps)
+        info.update(train_steps=steps, eval_return=ret, train_s=time.perf_counter() - t0,
+                    reached=bool(ret >= target_return))
+        info["evals"].append([steps, ret])
+        if bar is not None:
+            bar.set_postfix({"eval_return": f"{ret:.1f}"})
+        else:
+            print(f"SAC {task}: {steps} steps, return {ret:.1f} (target {target_return:.0f}), "
+                  f"{info['train_s']:.0f} s", flush=True)
+        if weights is not None:
+            _save_agent(model, weights, info)
+        return info["reached"]
+
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class _Progress(BaseCallback):
+        def _on_step(self) -> bool:
+            if bar is not None:
+                bar.update(1)
+            n = self.num_timesteps
+            if n % eval_every == 0 and n >= starts:
+                return not evaluate_now(n)
+            return True
+
+    try:
+        model.learn(total_timesteps=int(max_train_steps), callback=_Progress())
+        steps = int(model.num_timesteps)
+        if info["train_steps"] != steps:
+            evaluate_now(steps)
+    finally:
+        if bar is not None:
+            bar.close()
+        env.close()
+    info["finished"] = True
+    info["train_s"] = time.perf_counter() - t0
+    if weights is not None:
+        _save_agent(model, weights, info)
+    return model, info
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Run with ``n`` torch threads (SAC's small MLPs: more threads only add contention)."""
+    import torch
+
+    prev = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def collect_medium(task: str, out: str | Path | None, episodes: int, seed: int = 0,
+                   target_return: float | None = None, max_train_steps: int = 300_000,
+                   max_episode_steps: int | None = None, eval_every: int = 5000,
+                   progress: bool = True, threads: int | None = 1) -> tuple[Episodes, dict]:
+    """Train (or reuse) the SAC behaviour agent next to ``out`` and collect with it.
+
+    ``threads``: torch threads while training and acting (1 is fastest for SAC's MLPs on a
+    CPU; None leaves torch's setting)."""
+    with _torch_threads(threads):
+        return _collect_medium(task, out, episodes, seed, target_return, max_train_steps,
+                               max_episode_steps, eval_every, progress)
+
+
+def _collect_medium(task, out, episodes, seed, target_return, max_train_steps,
+                    max_episode_steps, eval_every, progress):
+    weights = agent_paths(out)[0] if out is not None else None
+    model, info = train_sac(task, target_return=target_return, max_train_steps=max_train_steps,
+                            seed=seed, agent_path=weights, max_episode_steps=max_episode_steps,
+                            eval_every=eval_every, progress=progress)
+    extra = {"agent": None if weights is None else str(weights),
+             "agent_train_steps": info["train_steps"], "agent_eval_return": info["eval_return"],
+             "target_return": info["target_return"], "agent_reached_target": info["reached"]}
+    eps = collect_episodes(task, "medium", episodes=episodes, seed=seed,
+                           max_episode_steps=max_episode_steps, model=model, progress=progress,
+                           extra_meta=extra)
+    return eps, info
+
