@@ -22,7 +22,7 @@ __all__ = ["CollectArgs", "collect_main", "collect_task"]
 class CollectArgs:
     """Collect an offline dataset in a simulator (D4RL-layout HDF5 or a Minari dataset)."""
 
-    task: Annotated[str, tyro.conf.Positional]
+    task: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="TASK")]
     """FAMILY/NAME: mujoco/{hopper,halfcheetah,walker2d}, metaworld/{button-press-v3,
     drawer-open-v3,sweep-into-v3,plate-slide-v3}, pusht/pusht, kitchen/{complete,partial,mixed},
     antmaze/{umaze,medium,large}; or FAMILY/NAME/POLICY."""
@@ -48,9 +48,9 @@ class CollectArgs:
     """Std of the Gaussian action noise of --policy noisy (actions lie in [-1, 1])."""
     target_return: float | None = None
     """medium: train SAC until its return reaches this (default: a D4RL-normalised score of
-    40: hopper 1281, halfcheetah 4686, walker2d 1838)."""
+    40: hopper 1282, halfcheetah 4686, walker2d 1838)."""
     max_train_steps: int = 300_000
-    """medium: SAC environment-step budget (about 27 s per 1000 steps on a 2-core CPU)."""
+    """medium: SAC environment-step budget (about 25 s per 1000 steps on a 2-core CPU)."""
     eval_every: int = 5000
     """medium: evaluate (5 episodes), save the agent and check the target every this many
     steps."""
