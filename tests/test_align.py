@@ -184,6 +184,18 @@ def test_cascade_starts_equal_to_reference_and_trains(trained):
         want = net(x, t, cond=cond)
     got = refiner(x, t, cond=cond, extra=torch.randn_like(x))
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # from the aligned weights: equal to the net with its (non-zero) adapter on
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        aligned = net(x, t, cond=cond)
+    assert not torch.allclose(aligned, want)
+    refiner_a = build_refiner(setup.model, net, warm_start="aligned")
+    got_a = refiner_a(x, t, cond=cond, extra=torch.randn_like(x))
+    torch.testing.assert_close(got_a, aligned, atol=1e-5, rtol=1e-4)
+    with torch.no_grad(), reference(net):  # the net itself is unchanged by the merge
+        torch.testing.assert_close(net(x, t, cond=cond), want, atol=0, rtol=0)
     ref = train_cascade(setup, net, CascadeConfig(rounds=1, steps_per_round=3,
                                                   states_per_round=8), progress=False)
     with pytest.warns(UserWarning, match="unstable"):

@@ -2,7 +2,11 @@
 
 A second model ``p_φ(x_hi | x_lo, c)``: the reference denoiser rebuilt with an extra
 per-position input for ``x_lo`` whose projection starts at zero, warm-started from the
-reference weights, so at step 0 it *equals* the reference; always conditional on ``x_lo``.
+reference weights, so at step 0 it *equals* the model it starts from; always conditional on
+``x_lo``. By default it starts from the *aligned* weights (the reference with the adapter
+merged): the refiner runs after the aligned model, and starting from the plain reference
+throws the alignment away at step 0 (on Nav1D the cascade then fell back to the reference's
+return). ``warm_start="reference"`` starts from the frozen reference instead.
 
 Training pairs are consistent: both members branch from one shared latent ``x_k`` of the
 aligned model's chain (``x_lo`` a random continuation, ``x_hi`` the best of ``branches``
@@ -51,10 +55,17 @@ class CascadeConfig:
     """Pairs per gradient step."""
     lr: float = 1e-4
     """Refiner learning rate (full fine-tuning of the warm-started copy)."""
+    warm_start: Literal["aligned", "reference"] = "aligned"
+    """Weights the refiner starts from: the aligned model (reference + merged adapter) or the
+    plain reference. Either way its ``x_lo`` input starts at zero, so at step 0 it equals
+    that model."""
 
     def __post_init__(self):
         if self.branches < 2:
             raise ValueError(f"branches must be >= 2, got {self.branches}")
+        if self.warm_start not in ("aligned", "reference"):
+            raise ValueError(f"warm_start must be 'aligned' or 'reference', got "
+                             f"{self.warm_start!r}")
         if not 0 < self.branch_frac < 1 or not 0 < self.inpaint_frac < 1:
             raise ValueError(f"branch_frac={self.branch_frac} and inpaint_frac="
                              f"{self.inpaint_frac} must be in (0, 1)")
@@ -64,11 +75,13 @@ def _base_net(net: nn.Module) -> nn.Module:
     return net.get_base_model() if hasattr(net, "get_base_model") else net
 
 
-def build_refiner(model, reference_net: nn.Module | None = None) -> nn.Module:
+def build_refiner(model, reference_net: nn.Module | None = None,
+                  warm_start: str = "reference") -> nn.Module:
     """The reference backbone plus a zero-initialised ``x_lo`` input, warm-started.
 
-    ``reference_net`` defaults to ``model.net``; if it carries a LoRA adapter the adapter is
-    ignored (the refiner starts from the frozen reference).
+    ``reference_net`` defaults to ``model.net``. If it carries a LoRA adapter, the refiner
+    starts from the frozen reference (``warm_start="reference"``) or from the reference with
+    the adapter merged in (``"aligned"``).
     """
     ref = reference_net if reference_net is not None else model.net
     spec = model.spec
@@ -76,11 +89,23 @@ def build_refiner(model, reference_net: nn.Module | None = None) -> nn.Module:
     cond_dim = getattr(_base_net(ref), "cond_dim", 0) or 0
     refiner = build_backbone(spec.backbone, x_dim=x_dim, horizon=horizon, cond_dim=cond_dim,
                              extra_dim=x_dim, **spec.backbone_kwargs)
-    missing, unexpected = refiner.load_state_dict(reference_state_dict(ref), strict=False)
+    weights = aligned_state_dict(ref) if warm_start == "aligned" else reference_state_dict(ref)
+    missing, unexpected = refiner.load_state_dict(weights, strict=False)
     if unexpected or any("extra" not in k for k in missing):
         raise ValueError(f"refiner does not match the reference: missing {missing}, "
                          f"unexpected {unexpected}")
     return refiner.to(model.device)
+
+
+def aligned_state_dict(net: nn.Module) -> dict[str, Tensor]:
+    """The weights of a LoRA-wrapped net with its adapter merged (the net is not changed)."""
+    import copy
+
+    from .lora import is_lora, merge_lora
+
+    if not is_lora(net):
+        return reference_state_dict(net)
+    return {k: v.detach() for k, v in merge_lora(copy.deepcopy(net)).state_dict().items()}
 
 
 def ref_shape(model) -> tuple[int, int]:
@@ -150,7 +175,7 @@ def train_cascade(setup: AlignSetup, net: nn.Module, cfg: CascadeConfig, seed: i
 
     model = setup.model
     gen = torch.Generator().manual_seed(seed)
-    refiner = build_refiner(model, net)
+    refiner = build_refiner(model, net, warm_start=cfg.warm_start)
     opt = torch.optim.Adam(refiner.parameters(), lr=cfg.lr)
     for _ in tqdm(range(cfg.rounds), desc="align/cascade", disable=not progress, leave=False):
         x_lo, x_hi, obs = cascade_pairs(setup, net, cfg, gen)
