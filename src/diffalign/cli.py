@@ -74,6 +74,8 @@ COMMANDS: dict[str, Command] = {
                           _data_nav1d),
     "collect": Command("collect an offline dataset in a simulator (MetaWorld, MuJoCo, ...)",
                        _loader("collect", "CollectArgs", "collect_main")),
+    "bench": Command("grid of task x model x process x seed cells; Table 2/3 and plots",
+                     _loader("bench", "BenchArgs", "bench_main")),
 }
 
 #: Exceptions that are the user's input being wrong: reported in one line, exit code 2.

@@ -1,0 +1,87 @@
+"""``diffalign bench``: run a grid of (task, model, process, seed) cells, each trained,
+aligned and evaluated, and write the paper's Table 2 and Table 3 and a plot per suite.
+
+A thin call into :func:`diffalign.bench.run_bench`; see :mod:`diffalign.bench.grid` for the
+output layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["BenchArgs", "bench_main"]
+
+
+@dataclass
+class BenchArgs:
+    """Benchmark grid: foundation, critic, reference, alignment and aligned evaluation per
+    cell; Table 2 (models × samplers) and Table 3 (DP expectation vs IDQL) over the cells."""
+
+    out: Path = Path("runs/bench")
+    """Output directory (re-running skips finished cells; tables cover every finished cell
+    in it)."""
+    suite: str = "nav1d"
+    """Suite: nav1d (partial, full, expert), metaworld (button-press-v3, drawer-open-v3,
+    sweep-into-v3, plate-slide-v3; expert data) or mujoco (hopper, walker2d, halfcheetah;
+    medium data). Simulator datasets are collected first when missing."""
+    tasks: str = ""
+    """Tasks of the suite, comma-separated (default: all of them)."""
+    models: str = "diffuser,dd,dp"
+    """Models, comma-separated: diffuser, dd, dp."""
+    processes: str = "ddpm,ddim,sm,fm"
+    """Diffusion processes, comma-separated: ddpm, ddim, sm, fm."""
+    methods: str = "rl"
+    """Alignment methods in order, comma-separated (rl, dpo, sft)."""
+    seeds: str = "0,1,2"
+    """Seeds, comma-separated (tables give mean ± std over them)."""
+    quick: bool = False
+    """Tiny sizes: one Nav1D cell in about a minute on a CPU."""
+    sizes: str = ""
+    """Size overrides KEY=VALUE,… (e.g. foundation_steps=1000,eval_episodes=20; see
+    diffalign.bench.BenchSizes for the keys)."""
+    device: str = "cpu"
+    """Torch device of every cell: cpu, cuda or auto."""
+    ray: Literal["auto", "on", "off"] = "auto"
+    """Run cells in parallel through Ray: auto (when `import ray` works), on, off."""
+    ray_address: str | None = None
+    """Ray cluster to join (e.g. ray://host:10001); OUT must be on a shared filesystem."""
+    cpus_per_cell: float = 1.0
+    """CPUs Ray reserves per cell (also the torch threads of a cell)."""
+    gpus_per_cell: float = 0.0
+    """GPUs Ray reserves per cell (fractions share a GPU)."""
+    threads: int | None = None
+    """Torch CPU threads of a cell (default: torch's own; under Ray, cpus_per_cell). On a
+    busy machine 1 avoids oversubscription."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        from ..bench.grid import make_cells, parse_methods, parse_sizes
+
+        self.out = Path(self.out)
+        make_cells(self.suite, self.tasks, self.models, self.processes, self.seeds)
+        parse_methods(self.methods)
+        parse_sizes(self.sizes, self.quick)
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got threads={self.threads}")
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"out {str(self.out)!r} exists and is not a directory")
+
+
+def bench_main(args: BenchArgs) -> dict[str, Any]:
+    """Entry point of ``diffalign bench``; prints Table 2 at the end and returns a summary."""
+    from ..bench import run_bench
+
+    summary = run_bench(args.out, args.suite, tasks=args.tasks, models=args.models,
+                        processes=args.processes, methods=args.methods, seeds=args.seeds,
+                        quick=args.quick, sizes=args.sizes, device=args.device, ray=args.ray,
+                        ray_address=args.ray_address, cpus_per_cell=args.cpus_per_cell,
+                        gpus_per_cell=args.gpus_per_cell, threads=args.threads,
+                        progress=args.progress)
+    table2 = args.out / "table2.md"
+    if table2.exists():
+        print()
+        print(table2.read_text())
+    return summary

@@ -1,0 +1,243 @@
+"""`diffalign bench`: a one-cell Nav1D grid end to end (tables hold the cell's numbers), a
+resumed bench skips the finished cell, mean ± std over seeds in the tables, dataset glue,
+and bad input (exit 2, the value named, nothing written)."""
+
+import csv
+import json
+import sys
+import types
+
+import pytest
+
+from diffalign.bench import write_tables
+from diffalign.bench.cell import DatasetUnavailable, ensure_dataset
+from diffalign.bench.grid import ray_available
+from diffalign.cli import main
+
+pytest.importorskip("peft")
+
+TINY = ("data_episodes=50,foundation_steps=30,critic_steps=30,eval_episodes=2,candidates=3,"
+        "denoise_steps=3,conditions=16,val_conditions=8,max_iters=2,eval_every=1,patience=1,"
+        "rl_states=4,rl_group=2")
+CELL = "nav1d__full__dp__ddim__s0"
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_one_cell_bench_end_to_end_then_resume_skips(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "--suite", "nav1d", "--tasks", "full", "--models", "dp", "--processes",
+            "ddim", "--seeds", "0", "--quick", "--sizes", TINY, "--ray", "off",
+            "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    result_file = out / "cells" / CELL / "result.json"
+    res = json.loads(result_file.read_text())
+    assert (res["suite"], res["task"], res["model"], res["process"], res["seed"]) == (
+        "nav1d", "full", "dp", "ddim", 0)
+    assert res["metric"] == "normalized" and res["methods"] == ["rl"]
+    ev = res["evals"]
+    assert set(ev) == {"reference", "reference_expectation", "reference_idql", "aligned",
+                       "aligned_expectation", "aligned_idql"}
+    assert res["reference"] == ev["reference"]["score"] == ev["reference"]["normalized"]
+    assert ev["reference"]["candidates"] == 1 and ev["reference_idql"]["candidates"] == 3
+    assert ev["reference_idql"]["selection"] == "idql_greedy"
+    assert ev["aligned_expectation"]["selection"] == "expectation"
+    assert [s["method"] for s in res["align"]["stages"]] == ["rl"]
+    assert (out / "cells" / CELL / "align" / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "critics" / "nav1d__full__s0" / "config.json").exists()
+
+    # Table 2 holds exactly the cell's numbers (CSV at full precision, Markdown at 0.1)
+    (row,) = _rows(out / "table2.csv")
+    assert (row["suite"], row["task"], row["model"], row["process"]) == ("nav1d", "full", "dp",
+                                                                         "ddim")
+    assert float(row["reference_mean"]) == res["reference"]
+    assert float(row["aligned_mean"]) == res["aligned"]
+    assert row["reference_std"] == row["aligned_std"] == "" and row["n_seeds"] == "1"
+    md2 = (out / "table2.md").read_text()
+    assert f"| dp | ddim | {res['reference']:.1f} | {res['aligned']:.1f} |" in md2
+    # Table 3: expectation vs IDQL, reference vs aligned
+    (row3,) = _rows(out / "table3.csv")
+    sel = res["selection"]
+    for s in ("expectation", "idql"):
+        for stage in ("reference", "aligned"):
+            assert float(row3[f"{s}_{stage}_mean"]) == sel[s][stage]
+    md3 = (out / "table3.md").read_text()
+    assert (f"| full | ddim | 3 | {sel['expectation']['reference']:.1f} | "
+            f"{sel['expectation']['aligned']:.1f} | {sel['idql']['reference']:.1f} | "
+            f"{sel['idql']['aligned']:.1f} |") in md3
+    assert (out / "nav1d.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| dp | ddim |" in capsys.readouterr().out  # Table 2 printed at the end
+
+    # resumed: the finished cell is skipped, not retrained
+    mtime = result_file.stat().st_mtime_ns
+    model_mtime = (out / "cells" / CELL / "foundation" / "model.safetensors").stat().st_mtime_ns
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert f"skipped {CELL}" in log and "0 to run, 1 skipped" in log
+    assert "training" not in log and "aligning" not in log
+    assert result_file.stat().st_mtime_ns == mtime
+    assert (out / "cells" / CELL / "foundation" / "model.safetensors").stat().st_mtime_ns == \
+        model_mtime
+
+
+def _result(out, suite, task, model, process, seed, ref, ali, selection=None):
+    cid = f"{suite}__{task}__{model}__{process}__s{seed}"
+    d = out / "cells" / cid
+    d.mkdir(parents=True)
+    metric = "success_rate" if suite == "metaworld" else "normalized"
+    (d / "result.json").write_text(json.dumps({
+        "cell": cid, "suite": suite, "task": task, "model": model, "process": process,
+        "seed": seed, "metric": metric, "reference": ref, "aligned": ali,
+        "selection": selection, "sizes": {"foundation_steps": 1}}))
+
+
+def test_tables_mean_and_sample_std_over_seeds(tmp_path):
+    out = tmp_path / "b"
+    for seed, ref, ali in [(0, 40.0, 55.0), (1, 50.0, 65.0), (2, 60.0, 75.0)]:
+        _result(out, "nav1d", "full", "diffuser", "ddpm", seed, ref, ali)
+    _result(out, "nav1d", "expert", "diffuser", "ddpm", 0, 90.0, 92.5)  # one seed only
+    for seed, (e, i) in enumerate([(10.0, 30.0), (20.0, 50.0)]):
+        sel = {"candidates": 16, "expectation": {"reference": e, "aligned": e + 4},
+               "idql": {"reference": i, "aligned": i + 1}}
+        _result(out, "nav1d", "partial", "dp", "fm", seed, 1.0, 2.0, sel)
+    _result(out, "metaworld", "button-press-v3", "dd", "sm", 0, 25.0, 75.0)
+    files = write_tables(out)
+    assert {f.name for f in files} == {"table2.md", "table2.csv", "table3.md", "table3.csv",
+                                       "nav1d.png", "metaworld.png"}
+    rows = {(r["suite"], r["task"], r["model"]): r for r in _rows(out / "table2.csv")}
+    full = rows[("nav1d", "full", "diffuser")]
+    assert float(full["reference_mean"]) == pytest.approx(50.0)
+    assert float(full["reference_std"]) == pytest.approx(10.0)  # sample std (n - 1)
+    assert float(full["aligned_mean"]) == pytest.approx(65.0)
+    assert full["n_seeds"] == "3" and full["seeds"] == "0 1 2"
+    assert rows[("nav1d", "expert", "diffuser")]["reference_std"] == ""
+    md = (out / "table2.md").read_text()
+    assert ("| diffuser | ddpm | – | – | 50.0 ± 10.0 | 65.0 ± 10.0 | 90.0 (n=1) | 92.5 (n=1) |"
+            in md)
+    assert "| dp | fm | 1.0 ± 0.0 (n=2) | 2.0 ± 0.0 (n=2) | – | – | – | – |" in md
+    assert "## metaworld: success rate (%)" in md and "| dd | sm | 25.0 | 75.0 |" in md
+    # the Markdown tables are well formed: every row has as many cells as its header
+    for block in md.split("## ")[1:]:
+        table = [ln for ln in block.splitlines() if ln.startswith("|")]
+        assert len({ln.count("|") for ln in table}) == 1
+    (t3,) = _rows(out / "table3.csv")
+    assert float(t3["expectation_reference_mean"]) == pytest.approx(15.0)
+    assert float(t3["expectation_reference_std"]) == pytest.approx(7.0710678, rel=1e-6)
+    assert float(t3["idql_aligned_mean"]) == pytest.approx(41.0)
+    assert float(t3["idql_aligned_std"]) == pytest.approx(14.1421356, rel=1e-6)
+    md3 = (out / "table3.md").read_text()
+    assert "| partial | fm | 16 | 15.0 ± 7.1 | 19.0 ± 7.1 | 40.0 ± 14.1 | 41.0 ± 14.1 |" in md3
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--suite", "atari"], "atari"),
+    (["--tasks", "hopper"], "hopper"),
+    (["--models", "diffuser,gpt"], "gpt"),
+    (["--processes", "edm"], "edm"),
+    (["--methods", "rl,ppo2"], "ppo2"),
+    (["--seeds", ""], "seeds"),
+    (["--seeds", "0,x"], "seeds"),
+    (["--sizes", "bogus_steps=3"], "bogus_steps"),
+])
+def test_bad_input_exits_2_naming_the_value(tmp_path, capsys, flags, named):
+    out = tmp_path / "b"
+    assert main(["bench", "--out", str(out), "--ray", "off", *flags]) == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(ray_available(), reason="ray is installed here")
+def test_ray_required_but_missing_exits_2(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["bench", "--out", str(out), "--ray-address", "ray://nowhere:10001",
+                 "--seeds", "0"]) == 2
+    assert "Ray is not installed" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_ensure_dataset_collects_missing_data_or_says_it_cannot(monkeypatch):
+    import diffalign.bench.cell as cell
+    import diffalign.tasks as tasks
+
+    assert ensure_dataset("nav1d", "expert") == "nav1d/expert"
+    have = set()
+
+    def fake_resolve(name, **kw):
+        if name not in have:
+            raise FileNotFoundError(f"no dataset {name}")
+        return name
+
+    monkeypatch.setattr(tasks, "resolve_task", fake_resolve)
+    monkeypatch.setattr(cell, "COLLECT_HOOK", ("diffalign_no_such_collect", "collect_task"))
+    with pytest.raises(DatasetUnavailable, match="metaworld/button-press-v3/expert"):
+        ensure_dataset("metaworld", "button-press-v3", quick=True)
+
+    calls = []
+    fake = types.ModuleType("diffalign_fake_collect")
+
+    def collect_task(name, quick):
+        calls.append((name, quick))
+        have.add(name)
+
+    fake.collect_task = collect_task
+    monkeypatch.setitem(sys.modules, "diffalign_fake_collect", fake)
+    monkeypatch.setattr(cell, "COLLECT_HOOK", ("diffalign_fake_collect", "collect_task"))
+    assert ensure_dataset("mujoco", "hopper", quick=True) == "mujoco/hopper/medium"
+    assert calls == [("mujoco/hopper/medium", True)]
+    assert ensure_dataset("mujoco", "hopper") == "mujoco/hopper/medium"  # now present
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="walker"):
+        ensure_dataset("metaworld", "walker2d")
+
+
+class _FakeRef:
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+
+def _fake_ray():
+    """The corner of Ray's API the bench uses, run in-process."""
+    ray = types.ModuleType("ray")
+    ray.calls = {"init": [], "remote": []}
+    ray.is_initialized = lambda: bool(ray.calls["init"])
+    ray.init = lambda address=None, **kw: ray.calls["init"].append(address)
+
+    def remote(**opts):
+        ray.calls["remote"].append(opts)
+        return lambda fn: types.SimpleNamespace(remote=lambda *a: _FakeRef(fn, a))
+
+    def wait(pending, num_returns=1):
+        return pending[:num_returns], pending[num_returns:]
+
+    ray.remote, ray.wait = remote, wait
+    ray.get = lambda ref: ref.fn(*ref.args)
+    return ray
+
+
+def _square_or_fail(x):
+    if x < 0:
+        raise ValueError(f"negative {x}")
+    return x * x
+
+
+def test_ray_map_runs_jobs_as_ray_tasks_and_reports_failures(monkeypatch):
+    import torch
+
+    from diffalign.bench.grid import _ray_map
+
+    fake = _fake_ray()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    threads = torch.get_num_threads()
+    try:
+        res = _ray_map(_square_or_fail, [(2,), (-1,), (3,)], ["a", "b", "c"],
+                       address="ray://head:10001", cpus=2.0, gpus=0.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert fake.calls["init"] == ["ray://head:10001"]
+    assert fake.calls["remote"] == [{"num_cpus": 2.0, "num_gpus": 0.5, "max_retries": 0}]
+    got = {name: (value, err) for name, value, err in res}
+    assert got["a"] == (4, None) and got["c"] == (9, None)
+    assert got["b"][0] is None and "negative -1" in repr(got["b"][1][0])
