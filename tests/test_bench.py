@@ -6,6 +6,7 @@ import csv
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -158,10 +159,11 @@ def test_ray_required_but_missing_exits_2(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_ensure_dataset_collects_missing_data_or_says_it_cannot(monkeypatch):
+def test_ensure_dataset_collects_missing_data_or_says_it_cannot(monkeypatch, tmp_path):
     import diffalign.bench.cell as cell
     import diffalign.tasks as tasks
 
+    monkeypatch.setenv("DIFFALIGN_DATA", str(tmp_path))
     assert ensure_dataset("nav1d", "expert") == "nav1d/expert"
     have = set()
 
@@ -172,23 +174,33 @@ def test_ensure_dataset_collects_missing_data_or_says_it_cannot(monkeypatch):
 
     monkeypatch.setattr(tasks, "resolve_task", fake_resolve)
     monkeypatch.setattr(cell, "COLLECT_HOOK", ("diffalign_no_such_collect", "collect_task"))
-    with pytest.raises(DatasetUnavailable, match="metaworld/button-press-v3/expert"):
-        ensure_dataset("metaworld", "button-press-v3", quick=True)
+    for quick in (True, False):
+        with pytest.raises(DatasetUnavailable, match="metaworld/button-press-v3/expert"):
+            ensure_dataset("metaworld", "button-press-v3", quick=quick)
 
     calls = []
     fake = types.ModuleType("diffalign_fake_collect")
 
-    def collect_task(name, quick):
-        calls.append((name, quick))
-        have.add(name)
+    def collect_task(name, quick, out=None):
+        calls.append((name, quick, out))
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text("data")
+        else:
+            have.add(name)
 
     fake.collect_task = collect_task
     monkeypatch.setitem(sys.modules, "diffalign_fake_collect", fake)
     monkeypatch.setattr(cell, "COLLECT_HOOK", ("diffalign_fake_collect", "collect_task"))
-    assert ensure_dataset("mujoco", "hopper", quick=True) == "mujoco/hopper/medium"
-    assert calls == [("mujoco/hopper/medium", True)]
+    # quick data is tiny: it goes to its own folder, never where the full dataset belongs
+    quick_file = tmp_path / "quick" / "mujoco" / "hopper-medium.hdf5"
+    assert ensure_dataset("mujoco", "hopper", quick=True) == str(quick_file)
+    assert calls == [("mujoco/hopper/medium", True, quick_file)]
+    assert ensure_dataset("mujoco", "hopper", quick=True) == str(quick_file)  # reused
+    assert ensure_dataset("mujoco", "hopper") == "mujoco/hopper/medium"
+    assert calls[1:] == [("mujoco/hopper/medium", False, None)]
     assert ensure_dataset("mujoco", "hopper") == "mujoco/hopper/medium"  # now present
-    assert len(calls) == 1
+    assert len(calls) == 2
     with pytest.raises(ValueError, match="walker"):
         ensure_dataset("metaworld", "walker2d")
 

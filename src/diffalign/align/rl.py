@@ -268,6 +268,6 @@ class RLMethod(AdapterMethod):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
-        return {"reward": float(reward.mean()), "loss": float(loss.detach()),
+        return {"reward": float(reward.detach().mean()), "loss": float(loss.detach()),
                 "kl": float(kl.detach().mean()),
                 "grad_last_k": k_grad}

@@ -61,12 +61,26 @@ def ensure_dataset(suite: str, task: str, quick: bool = False) -> str:
     ``mujoco/<task>/medium``) that :func:`~diffalign.tasks.resolve_task` cannot load is
     collected first with the collect command's function (:data:`COLLECT_HOOK`; smaller with
     ``quick``). Raises :class:`DatasetUnavailable` when it is missing and cannot be collected.
+
+    Quick datasets are tiny: they go to ``data_dir()/quick/`` and the returned task string is
+    that file's path, so a later full bench never mistakes them for the real dataset.
     """
-    from ..tasks import resolve_task
+    from ..tasks import data_dir, resolve_task
 
     name = task_string(suite, task)  # validates suite and task
     if suite == "nav1d":
         return name
+    if quick:
+        family, sim, dataset = name.split("/")
+        path = data_dir() / "quick" / family / f"{sim}-{dataset}.hdf5"
+        if not path.exists():
+            collect = _collector()
+            if collect is None:
+                raise DatasetUnavailable(f"dataset {name!r} cannot be collected: this version "
+                                         f"has no {COLLECT_HOOK[0]} (`diffalign collect`)")
+            _log(f"collecting {name} (quick) -> {path}")
+            collect(name, quick=True, out=path)
+        return str(path)
     try:
         resolve_task(name)
         return name

@@ -14,6 +14,11 @@ from typing import Any, Literal
 __all__ = ["BenchArgs", "bench_main"]
 
 
+FULL_GRID = {"models": "diffuser,dd,dp", "processes": "ddpm,ddim,sm,fm", "seeds": "0,1,2"}
+QUICK_GRID = {"models": "diffuser,dp", "processes": "ddim", "seeds": "0"}
+"""The grid when --models/--processes/--seeds are not given."""
+
+
 @dataclass
 class BenchArgs:
     """Benchmark grid: foundation, critic, reference, alignment and aligned evaluation per
@@ -28,16 +33,20 @@ class BenchArgs:
     medium data). Simulator datasets are collected first when missing."""
     tasks: str = ""
     """Tasks of the suite, comma-separated (default: all of them)."""
-    models: str = "diffuser,dd,dp"
-    """Models, comma-separated: diffuser, dd, dp."""
-    processes: str = "ddpm,ddim,sm,fm"
-    """Diffusion processes, comma-separated: ddpm, ddim, sm, fm."""
+    models: str | None = None
+    """Models, comma-separated: diffuser, dd, dp (default: all three; with --quick
+    diffuser,dp)."""
+    processes: str | None = None
+    """Diffusion processes, comma-separated: ddpm, ddim, sm, fm (default: all four; with
+    --quick ddim)."""
     methods: str = "rl"
     """Alignment methods in order, comma-separated (rl, dpo, sft)."""
-    seeds: str = "0,1,2"
-    """Seeds, comma-separated (tables give mean ± std over them)."""
+    seeds: str | None = None
+    """Seeds, comma-separated (tables give mean ± std over them; default 0,1,2, with
+    --quick 0)."""
     quick: bool = False
-    """Tiny sizes: one Nav1D cell in about a minute on a CPU."""
+    """Tiny sizes (one Nav1D cell in about a minute on a CPU) and, unless given, a small grid:
+    diffuser and dp, ddim, seed 0."""
     sizes: str = ""
     """Size overrides KEY=VALUE,… (e.g. foundation_steps=1000,eval_episodes=20; see
     diffalign.bench.BenchSizes for the keys)."""
@@ -61,6 +70,10 @@ class BenchArgs:
         from ..bench.grid import make_cells, parse_methods, parse_sizes
 
         self.out = Path(self.out)
+        grid = QUICK_GRID if self.quick else FULL_GRID
+        self.models = grid["models"] if self.models is None else self.models
+        self.processes = grid["processes"] if self.processes is None else self.processes
+        self.seeds = grid["seeds"] if self.seeds is None else self.seeds
         make_cells(self.suite, self.tasks, self.models, self.processes, self.seeds)
         parse_methods(self.methods)
         parse_sizes(self.sizes, self.quick)
