@@ -1,8 +1,11 @@
-"""The paper's 2-D toy (its Figure 2, foundation part): a small MLP learns a multimodal 2-D
-distribution with any of the four processes; samples, diffusion paths and distances are saved.
+"""The paper's 2-D toy (its Figure 2): a small MLP learns a multimodal 2-D distribution with
+any of the four processes; samples, diffusion paths and distances are saved.
 
 ``diffalign toy --process {ddpm,ddim,sm,fm} --out DIR`` writes ``DIR/data.npy`` (held-out
-data), ``DIR/samples.npy``, ``DIR/paths.png`` and ``DIR/toy.json``.
+data), ``DIR/samples.npy``, ``DIR/paths.png`` and ``DIR/toy.json``. With ``--align`` the
+trained model is then aligned to three rewards by QV-PG on a LoRA adapter
+(:mod:`diffalign.toy_align`): ``DIR/align.png``, ``DIR/aligned_<reward>.npy`` and
+``toy.json["align"]``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,25 @@ class ToyConfig:
     """Seed of data, initialisation and sampling."""
     device: str = "cpu"
     """Torch device ("cpu", "cuda", "auto")."""
+    align: bool = False
+    """Then align the trained model to each of ``rewards`` by QV-PG on one LoRA adapter; writes
+    align.png, aligned_<reward>.npy and toy.json["align"] (the paper's Figure 2)."""
+    rewards: tuple[Literal["right", "top", "diagonal"], ...] = ("right", "top", "diagonal")
+    """Rewards to align to (see diffalign.toy_align.REWARDS)."""
+    align_iters: int = 200
+    """QV-PG updates per reward."""
+    align_batch: int = 64
+    """Chains sampled per QV-PG update."""
+    align_lr: float = 3e-3
+    """Adam learning rate of the LoRA adapter."""
+    kl_coef: float = 0.05
+    """Weight of the KL to the reference (Σ over the chain of ‖μ_θ − μ_ref‖²/(2σ²))."""
+    grad_last_k: int | None = None
+    """Backpropagate the reward through the last K sampling steps only (default: all)."""
+    align_kl_steps: int = 10
+    """Random steps per update on which the chain's KL is estimated."""
+    lora_rank: int = 4
+    """Rank of the LoRA adapter."""
 
     def __post_init__(self):
         for name in ("train_steps", "batch_size", "width", "depth", "n_samples", "n_data"):
@@ -71,6 +93,22 @@ class ToyConfig:
                              f"got n_paths={self.n_paths}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got lr={self.lr}")
+        for name in ("align_iters", "align_batch", "align_kl_steps", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
+        if self.grad_last_k is not None and self.grad_last_k < 1:
+            raise ValueError(f"grad_last_k must be >= 1 (or unset: all steps), "
+                             f"got grad_last_k={self.grad_last_k}")
+        if self.align_lr <= 0 or self.kl_coef < 0:
+            raise ValueError(f"need align_lr > 0 and kl_coef >= 0, got align_lr="
+                             f"{self.align_lr}, kl_coef={self.kl_coef}")
+        if self.align and not self.rewards:
+            raise ValueError("align needs at least one reward, got rewards=()")
+        from .toy_align import REWARDS
+
+        unknown = [r for r in self.rewards if r not in REWARDS]
+        if unknown:
+            raise ValueError(f"unknown rewards {unknown}; known: {sorted(REWARDS)}")
 
 
 def toy_data(n: int, seed: int = 0, modes: int = 8, radius: float = 1.5,
@@ -164,7 +202,7 @@ def run_toy(cfg: ToyConfig, progress: bool = True) -> dict:
     net = train_toy_model(cfg, process, train, device, progress)
     train_s = time.perf_counter() - t0
 
-    g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    g = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # toy_align reuses this seed
     t0 = time.perf_counter()
     with torch.no_grad():
         out = process.sample(net, (cfg.n_samples, 1, 2), steps=steps, generator=g,
@@ -195,5 +233,9 @@ def run_toy(cfg: ToyConfig, progress: bool = True) -> dict:
         chain = out.chain[:, : cfg.n_paths, 0, :].cpu().numpy()
         plot_paths(cfg.out / "paths.png", held_out, chain,
                    f"{cfg.process}: {cfg.n_paths} diffusion paths ({steps} steps)")
+    if cfg.align:
+        from .toy_align import align_toy
+
+        result["align"] = align_toy(cfg, net, process, held_out, out, device, progress)
     write_json(cfg.out / "toy.json", result)
     return result
