@@ -29,7 +29,8 @@ def _toy():
     def main(cfg: ToyConfig) -> None:
         res = run_toy(cfg)
         print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=2))
-        print(f"wrote {cfg.out}/data.npy, samples.npy, paths.png, toy.json")
+        extra = ", align.png, aligned_<reward>.npy" if getattr(cfg, "align", False) else ""
+        print(f"wrote {cfg.out}/data.npy, samples.npy, paths.png{extra}, toy.json")
 
     return ToyConfig, main
 
