@@ -204,3 +204,24 @@ def test_cascade_starts_equal_to_reference_and_trains(trained):
     out = casc.sample(obs, n=2, generator=torch.Generator().manual_seed(0))
     assert out.x0.shape[0] == 8 and torch.isfinite(out.x0).all()
     _unwrap(trained, net)
+
+
+def test_qvpg_keeps_a_kl_on_deterministic_samplers(trained):
+    """DDIM (η=0) has no noisy transition; its KL is taken on its stochastic variant."""
+    from diffalign.processes import build_process
+
+    setup, net = _setup(trained)
+    model = setup.model
+    original = model.process
+    model.process = build_process("ddim", default_steps=5)
+    try:
+        m = RLMethod(setup, net, RLConfig(algo="qvpg", states_per_iter=8, group_size=4,
+                                          lr=3e-2, kl_coef=1.0, grad_last_k=3),
+                     torch.Generator().manual_seed(0))
+        first = m.step()
+        assert first["kl"] == pytest.approx(0.0, abs=1e-8)  # the adapter starts at zero
+        later = [m.step()["kl"] for _ in range(3)]
+        assert max(later) > 0
+    finally:
+        model.process = original
+        _unwrap(trained, net)

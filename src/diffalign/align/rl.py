@@ -170,6 +170,9 @@ class RLMethod(AdapterMethod):
         base = self.model.process
         # PPO/REINFORCE need Gaussian transitions; QV-PG differentiates any sampler.
         self.process = base if cfg.algo == "qvpg" else base.stochastic_variant()
+        # The KL needs Gaussian transitions too: a deterministic sampler (DDIM η=0, FM Euler,
+        # the SM ODE) takes it on the transitions of its stochastic variant.
+        self.kl_process = base.stochastic_variant()
 
     def _steps(self) -> int:
         return self.setup.steps or self.process.default_steps
@@ -227,9 +230,10 @@ class RLMethod(AdapterMethod):
             return credit_retrospective(out.x0_preds[active], out.x0)
         return torch.ones(b, len(active), device=out.x0.device)
 
-    def _kl(self, st, x, t, tp, cond, free) -> Tensor:
+    def _kl(self, st, x, t, tp, cond, free, process=None) -> Tensor:
+        process = process or self.process
         with torch.no_grad(), reference(self.net):
-            ref = self.process.step(self.net, x, t, tp, cond=cond, noise=torch.zeros(())).mean
+            ref = process.step(self.net, x, t, tp, cond=cond, noise=torch.zeros(())).mean
         m = 1.0 if free is None else free.to(ref.dtype)
         return gaussian_kl_equal_var(st.mean * m, ref * m, st.std)
 
@@ -258,8 +262,13 @@ class RLMethod(AdapterMethod):
                                     tp, inpaint, self.gen)
                 continue
             st = proc.step(net, x, t, tp, cond=cond, generator=self.gen)
-            if cfg.kl_coef > 0 and bool((st.std > 0).all()):
-                kl = kl + self._kl(st, x.detach(), t, tp, cond, free)
+            if cfg.kl_coef > 0:
+                kl_proc, kst = proc, st
+                if not bool((st.std > 0).all()):  # deterministic step: its stochastic variant
+                    kl_proc = self.kl_process
+                    kst = kl_proc.step(net, x, t, tp, cond=cond, noise=torch.zeros(()))
+                if bool((kst.std > 0).all()):  # (the final step to t=0 has none)
+                    kl = kl + self._kl(kst, x.detach(), t, tp, cond, free, kl_proc)
             x = proc.impose(st.prev, tp, inpaint, self.gen)
         reward = self.setup.reward(x, rows)
         loss = -reward.mean() + cfg.kl_coef * kl.mean()
