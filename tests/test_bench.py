@@ -253,3 +253,14 @@ def test_ray_map_runs_jobs_as_ray_tasks_and_reports_failures(monkeypatch):
     got = {name: (value, err) for name, value, err in res}
     assert got["a"] == (4, None) and got["c"] == (9, None)
     assert got["b"][0] is None and "negative -1" in repr(got["b"][1][0])
+
+
+def test_rl_kl_size_is_a_number():
+    from diffalign.bench.grid import SIM_RL_KL, BenchSizes, parse_sizes
+
+    assert BenchSizes().rl_kl == 0.005 and SIM_RL_KL == 0.5
+    assert parse_sizes("rl_kl=0.25,max_iters=3").rl_kl == 0.25
+    with pytest.raises(ValueError, match="rl_kl must be a number"):
+        parse_sizes("rl_kl=lots")
+    with pytest.raises(ValueError, match="rl_kl"):
+        BenchSizes(rl_kl=-1.0)

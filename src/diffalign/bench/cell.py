@@ -150,6 +150,7 @@ def align_config(size: BenchSizes, methods: Sequence[str], seed: int, quick: boo
                       val_conditions=size.val_conditions, steps=size.denoise_steps or None,
                       seed=seed, cascade=None)
     cfg.rl = replace(cfg.rl, states_per_iter=size.rl_states, group_size=size.rl_group,
+                     kl_coef=float(size.rl_kl),
                      **({"ppo_epochs": 1} if quick else {}))
     cfg.dpo = replace(cfg.dpo, states_per_iter=size.dpo_states, candidates=size.dpo_candidates,
                       **({"updates_per_batch": 1} if quick else {}))
