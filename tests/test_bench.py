@@ -260,6 +260,9 @@ def test_rl_kl_size_is_a_number():
 
     assert BenchSizes().rl_kl == 0.005 and SIM_RL_KL == 0.5
     assert parse_sizes("rl_kl=0.25,max_iters=3").rl_kl == 0.25
+    assert parse_sizes("", suite="metaworld").rl_kl == SIM_RL_KL
+    assert parse_sizes("max_iters=3", quick=True, suite="mujoco").rl_kl == SIM_RL_KL
+    assert parse_sizes({"rl_kl": 0.01}, suite="metaworld").rl_kl == 0.01
     with pytest.raises(ValueError, match="rl_kl must be a number"):
         parse_sizes("rl_kl=lots")
     with pytest.raises(ValueError, match="rl_kl"):

@@ -168,9 +168,13 @@ SIM_RL_KL = 0.5
 """RL's KL weight on the simulator suites unless ``rl_kl`` is given (see BenchSizes.rl_kl)."""
 
 
-def parse_sizes(text: str | dict | None, quick: bool = False) -> BenchSizes:
-    """The preset sizes with ``KEY=VALUE,…`` (or a dict) applied; ValueError names bad keys."""
+def parse_sizes(text: str | dict | None, quick: bool = False, suite: str = "nav1d"
+                ) -> BenchSizes:
+    """The preset sizes of ``suite`` with ``KEY=VALUE,…`` (or a dict) applied; ValueError
+    names bad keys. Simulator suites start from ``rl_kl=SIM_RL_KL``."""
     base = BenchSizes.quick() if quick else BenchSizes()
+    if suite != "nav1d":
+        base = replace(base, rl_kl=SIM_RL_KL)
     if not text:
         return base
     if isinstance(text, dict):
@@ -333,9 +337,7 @@ def run_bench(out: str | Path, suite: str, tasks=None, models=None, processes=No
     t_start = time.perf_counter()
     cells = make_cells(suite, tasks, models, processes, seeds)
     method_list = parse_methods(methods)
-    size = sizes if isinstance(sizes, BenchSizes) else parse_sizes(sizes, quick)
-    if suite != "nav1d" and not isinstance(sizes, BenchSizes) and "rl_kl" not in str(sizes or ""):
-        size = replace(size, rl_kl=SIM_RL_KL)
+    size = sizes if isinstance(sizes, BenchSizes) else parse_sizes(sizes, quick, suite)
     if ray not in ("auto", "on", "off"):
         raise ValueError(f"ray must be auto, on or off, got ray={ray!r}")
     if cpus_per_cell <= 0 or gpus_per_cell < 0:

@@ -76,7 +76,7 @@ class BenchArgs:
         self.seeds = grid["seeds"] if self.seeds is None else self.seeds
         make_cells(self.suite, self.tasks, self.models, self.processes, self.seeds)
         parse_methods(self.methods)
-        parse_sizes(self.sizes, self.quick)
+        parse_sizes(self.sizes, self.quick, self.suite)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got threads={self.threads}")
         if self.out.exists() and not self.out.is_dir():
