@@ -157,6 +157,24 @@ def test_sac_medium_tiny_budget(tmp_path):
     assert info2.get("reused") and len(eps2) == 1
 
 
+def test_sac_stops_at_its_time_budget(tmp_path):
+    pytest.importorskip("mujoco")
+    pytest.importorskip("stable_baselines3")
+    from diffalign.data.collect import collect_medium
+
+    out = tmp_path / "hopper-medium.hdf5"
+    kw = dict(episodes=1, max_train_steps=100_000, eval_every=50, max_episode_steps=20,
+              progress=False)
+    _, info = collect_medium("mujoco/hopper", out, max_train_seconds=0.5, **kw)
+    assert info["finished"] and info["stopped_by"] == "time"
+    assert 0 < info["train_steps"] < 100_000
+    # reused with the same (or a smaller) time budget, retrained when given more time
+    _, again = collect_medium("mujoco/hopper", out, max_train_seconds=0.5, **kw)
+    assert again.get("reused")
+    _, longer = collect_medium("mujoco/hopper", out, max_train_seconds=1.0, **kw)
+    assert not longer.get("reused") and longer["stopped_by"] == "time"
+
+
 # ---------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("argv,needle", [
     (["collect", "mujoco/ant", "--out", "x.hdf5"], "mujoco/ant"),

@@ -209,6 +209,25 @@ def test_save_load_identical_outputs(tmp_path):
     assert agent2.cfg == agent.cfg
 
 
+def test_fourier_input_by_hand_and_round_trip(tmp_path):
+    from diffalign.models.critic import FourierInput
+
+    f = FourierInput(2, 3, scale=2.0, seed=0)
+    x = torch.tensor([[0.5, -1.0]])
+    z = 2 * math.pi * (x @ f.freqs)
+    torch.testing.assert_close(f(x), torch.cat([x, z.sin(), z.cos()], -1))
+    assert f.out_dim == 8 and FourierInput(2, 0, 1.0, 0)(x) is x
+    obs = np.random.default_rng(0).normal(size=(16, 2)).astype(np.float32)
+    act = np.random.default_rng(1).uniform(-1, 1, size=(16, 1)).astype(np.float32)
+    c = IQLCritic(2, 1, CriticConfig(**TINY, fourier_features=4, fourier_scale=3.0))
+    # the online net and its target use the same frequencies, so Polyak is well defined
+    torch.testing.assert_close(c.q1[0].freqs, c.q1_target[0].freqs)
+    c.save(tmp_path / "c")
+    d = IQLCritic.load(tmp_path / "c")
+    torch.testing.assert_close(c.q(obs, act), d.q(obs, act), rtol=0, atol=0)
+    torch.testing.assert_close(c.v(obs), d.v(obs), rtol=0, atol=0)
+
+
 def test_checkpoint_errors_name_the_path(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(CheckpointError, match="nope"):
@@ -246,7 +265,8 @@ def test_checkpoint_errors_name_the_path(tmp_path):
 @pytest.mark.parametrize(("field", "value"), [
     ("expectile", 1.0), ("expectile", 0.0), ("gamma", 1.5), ("target_tau", 0.0),
     ("hidden", 0), ("depth", 0), ("steps", 0), ("batch_size", -1), ("lr", 0.0),
-    ("reward_scale", 0.0), ("grad_clip", -1.0), ("seed", -1),
+    ("reward_scale", 0.0), ("grad_clip", -1.0), ("seed", -1), ("fourier_features", -1),
+    ("fourier_scale", 0.0),
 ])
 def test_bad_critic_config_names_field(field, value):
     with pytest.raises(ValueError, match=field):

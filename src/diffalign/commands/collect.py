@@ -51,6 +51,9 @@ class CollectArgs:
     40: hopper 1282, halfcheetah 4686, walker2d 1838)."""
     max_train_steps: int = 300_000
     """medium: SAC environment-step budget (about 25 s per 1000 steps on a 2-core CPU)."""
+    max_train_seconds: float | None = None
+    """medium: wall-clock budget of SAC training in seconds (None = none); training stops at
+    whichever of this and --max-train-steps comes first, and the agent is then used as is."""
     eval_every: int = 5000
     """medium: evaluate (5 episodes), save the agent and check the target every this many
     steps."""
@@ -86,6 +89,9 @@ class CollectArgs:
         if self.max_episode_steps is not None and self.max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be >= 1, got "
                              f"max_episode_steps={self.max_episode_steps}")
+        if self.max_train_seconds is not None and not self.max_train_seconds > 0:
+            raise ValueError(f"max_train_seconds must be > 0, got "
+                             f"max_train_seconds={self.max_train_seconds}")
         if self.max_train_steps < 1:
             raise ValueError(f"max_train_steps must be >= 1, got "
                              f"max_train_steps={self.max_train_steps}")
@@ -129,6 +135,7 @@ def collect_main(args: CollectArgs) -> dict[str, Any]:
         eps, info = col.collect_medium(args.task, agent_at, episodes=args.episodes,
                                        seed=args.seed, target_return=args.target_return,
                                        max_train_steps=args.max_train_steps,
+                                       max_train_seconds=args.max_train_seconds,
                                        max_episode_steps=args.max_episode_steps,
                                        eval_every=args.eval_every, progress=args.progress)
         agent = {k: info.get(k) for k in ("train_steps", "eval_return", "target_return",

@@ -42,6 +42,10 @@ class CriticArgs:
     """Hidden width of the Q and V MLPs."""
     depth: int = _DEFAULTS.depth
     """Hidden layers of the Q and V MLPs."""
+    fourier_features: int = _DEFAULTS.fourier_features
+    """Random Fourier features of the inputs (0 = plain inputs)."""
+    fourier_scale: float = _DEFAULTS.fourier_scale
+    """Std of the Fourier frequencies."""
     expectile: float = _DEFAULTS.expectile
     """Expectile tau of the value regression."""
     gamma: float = _DEFAULTS.gamma
@@ -75,7 +79,8 @@ class CriticArgs:
     def critic_config(self) -> CriticConfig:
         return CriticConfig(
             steps=self.steps, batch_size=self.batch_size, lr=self.lr, hidden=self.hidden,
-            depth=self.depth, expectile=self.expectile, gamma=self.gamma,
+            depth=self.depth, fourier_features=self.fourier_features,
+            fourier_scale=self.fourier_scale, expectile=self.expectile, gamma=self.gamma,
             target_tau=self.target_tau, reward_scale=self.reward_scale,
             reward_bias=self.reward_bias, timeouts_as_terminals=self.timeouts_as_terminals,
             seed=self.seed, device=self.device)
@@ -109,6 +114,38 @@ def nav1d_critic_check(critic: Any, episodes: Any, layout_seed: int = 0, seed: i
     }
 
 
+def nav1d_greedy_return(critic: Any, layout_seed: int = 0, episodes: int = 200,
+                        n_actions: int = 201, seed: int = 0) -> dict[str, float]:
+    """Return of the critic's greedy policy ``argmax_a Q(s, a)`` (over ``n_actions`` evenly
+    spaced actions in [-1, 1]) on Nav1D, from ``episodes`` uniform starts.
+
+    Any one-candidate policy aligned to this critic is bounded by about this return: it is
+    the critic's ceiling. ``greedy_normalized`` is the percentage of the DP optimum.
+    """
+    import torch
+
+    from diffalign.envs.nav1d import dynamics, nav1d_layout, reward
+    from diffalign.envs.nav1d_optimum import nav1d_optimum
+
+    mu, sigma = nav1d_layout(layout_seed)
+    horizon = len(mu)
+    optimum = float(nav1d_optimum(layout_seed=layout_seed)["optimal_return"])
+    x = np.random.default_rng(seed).uniform(-1, 1, episodes)
+    grid = np.linspace(-1, 1, n_actions)
+    ret = np.zeros(episodes)
+    for t in range(horizon):
+        obs = np.repeat(np.stack([x, np.full(episodes, t / horizon)], 1), n_actions, 0)
+        act = np.tile(grid, episodes)[:, None]
+        with torch.no_grad():
+            q = critic.q(obs.astype(np.float32), act.astype(np.float32))
+        best = grid[q.view(episodes, n_actions).argmax(1).cpu().numpy()]
+        x_next = dynamics(x, best)
+        ret += reward(x_next, np.full(episodes, t), mu, sigma)
+        x = x_next
+    return {"greedy_return": float(ret.mean()),
+            "greedy_normalized": 100.0 * float(ret.mean()) / optimum}
+
+
 def critic_main(args: CriticArgs) -> dict[str, Any]:
     """Train and save the critic; print and return a summary (losses and values on the data)."""
     from diffalign.models.critic import (
@@ -135,6 +172,7 @@ def critic_main(args: CriticArgs) -> dict[str, Any]:
     }
     if args.task.startswith("nav1d/"):
         check = nav1d_critic_check(critic, task.episodes, args.layout_seed, args.seed)
+        check.update(nav1d_greedy_return(critic, args.layout_seed))
         summary.update({f"critic/nav1d/{k}": v for k, v in check.items()})
     from diffalign.atomic import write_json
 
@@ -150,6 +188,8 @@ def critic_main(args: CriticArgs) -> dict[str, Any]:
             line += (f"; V(s0) {summary['critic/nav1d/v_start']:.3f} (optimum "
                      f"{summary['critic/nav1d/v_star_start']:.3f} undiscounted), "
                      f"Q(pi*) > Q(random) on "
-                     f"{100 * summary['critic/nav1d/frac_opt_over_random']:.1f}% of states")
+                     f"{100 * summary['critic/nav1d/frac_opt_over_random']:.1f}% of states; "
+                     f"its greedy policy reaches "
+                     f"{summary['critic/nav1d/greedy_normalized']:.1f}% of the optimum")
         print(line)
     return summary

@@ -169,6 +169,11 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
                                                           device=args.device),
                               out_dir=cdir, progress=args.progress)
     _remember(out, "critic_train_s", time.perf_counter() - t0, trained)
+    from .critic import nav1d_greedy_return
+
+    ceiling = nav1d_greedy_return(critic, args.layout_seed)
+    _log(f"critic: its greedy policy reaches {ceiling['greedy_normalized']:.1f}% of the "
+         "optimum (the ceiling of a one-candidate policy aligned to it)")
 
     episodes = args.eval_episodes or P["eval_episodes"]
     stages: list[dict] = []
@@ -246,6 +251,7 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
         "process": args.process, "layout_seed": args.layout_seed, "preset": args.preset,
         "optimal_return": task.ref_max,
         "dataset_return": float(task.episodes.returns().mean()),
+        "critic_greedy_normalized": ceiling["greedy_normalized"],
         "stages": stages,
         "events": events,
         "alignment_seconds": align_train_s,

@@ -313,10 +313,12 @@ def train_sac(task: str, target_return: float | None = None, max_train_steps: in
               seed: int = 0, agent_path: str | Path | None = None,
               max_episode_steps: int | None = None, eval_every: int = 5000,
               eval_episodes: int = 5, learning_starts: int | None = None,
-              device: str = "auto", progress: bool = True) -> tuple[Any, dict]:
+              device: str = "auto", progress: bool = True,
+              max_train_seconds: float | None = None) -> tuple[Any, dict]:
     """Train a SAC agent on ``task`` until its mean stochastic return over ``eval_episodes``
-    episodes reaches ``target_return`` (checked every ``eval_every`` steps) or
-    ``max_train_steps`` steps are spent. Returns ``(model, info)``.
+    episodes reaches ``target_return`` (checked every ``eval_every`` steps), or
+    ``max_train_steps`` steps, or ``max_train_seconds`` of wall-clock time are spent (then
+    ``info["stopped_by"]`` says which). Returns ``(model, info)``.
 
     With ``agent_path`` (``….sac.safetensors``) the weights and ``info`` (JSON beside them)
     are saved at every evaluation, and an agent saved there that finished with the same task
@@ -341,7 +343,10 @@ def train_sac(task: str, target_return: float | None = None, max_train_steps: in
         done = info.get("finished") and (
             (info.get("reached") and float(info.get("target_return", -np.inf)) >= target_return)
             or (not info.get("reached") and info.get("target_return") == target_return
-                and int(info.get("max_train_steps", 0)) >= max_train_steps))
+                and int(info.get("max_train_steps", 0)) >= max_train_steps
+                and (info.get("stopped_by") != "time"
+                     or (max_train_seconds is not None
+                         and max_train_seconds <= float(info["max_train_seconds"])))))
         if same and done:
             from safetensors.torch import load_file
 
@@ -355,7 +360,8 @@ def train_sac(task: str, target_return: float | None = None, max_train_steps: in
         "task": task, "algorithm": "SAC (stable-baselines3 defaults)", "seed": seed,
         "target_return": float(target_return), "max_train_steps": int(max_train_steps),
         "max_episode_steps": h, "train_steps": 0, "eval_return": None, "reached": False,
-        "finished": False, "train_s": 0.0, "evals": [],
+        "finished": False, "train_s": 0.0, "evals": [], "stopped_by": None,
+        "max_train_seconds": max_train_seconds,
     }
     bar = None
     if progress:
@@ -386,8 +392,12 @@ def train_sac(task: str, target_return: float | None = None, max_train_steps: in
             if bar is not None:
                 bar.update(1)
             n = self.num_timesteps
-            if n % eval_every == 0 and n >= starts:
-                return not evaluate_now(n)
+            if n % eval_every == 0 and n >= starts and evaluate_now(n):
+                info["stopped_by"] = "target"
+                return False
+            if max_train_seconds is not None and time.perf_counter() - t0 > max_train_seconds:
+                info["stopped_by"] = "time"
+                return False
             return True
 
     try:
@@ -395,6 +405,7 @@ def train_sac(task: str, target_return: float | None = None, max_train_steps: in
         steps = int(model.num_timesteps)
         if info["train_steps"] != steps:
             evaluate_now(steps)
+        info["stopped_by"] = info["stopped_by"] or "steps"
     finally:
         if bar is not None:
             bar.close()
@@ -423,22 +434,24 @@ def _torch_threads(n: int | None):
 def collect_medium(task: str, out: str | Path | None, episodes: int, seed: int = 0,
                    target_return: float | None = None, max_train_steps: int = 300_000,
                    max_episode_steps: int | None = None, eval_every: int = 5000,
-                   progress: bool = True, threads: int | None = 1) -> tuple[Episodes, dict]:
+                   progress: bool = True, threads: int | None = 1,
+                   max_train_seconds: float | None = None) -> tuple[Episodes, dict]:
     """Train (or reuse) the SAC behaviour agent next to ``out`` and collect with it.
 
     ``threads``: torch threads while training and acting (1 is fastest for SAC's MLPs on a
     CPU; None leaves torch's setting)."""
     with _torch_threads(threads):
         return _collect_medium(task, out, episodes, seed, target_return, max_train_steps,
-                               max_episode_steps, eval_every, progress)
+                               max_episode_steps, eval_every, progress, max_train_seconds)
 
 
 def _collect_medium(task, out, episodes, seed, target_return, max_train_steps,
-                    max_episode_steps, eval_every, progress):
+                    max_episode_steps, eval_every, progress, max_train_seconds=None):
     weights = agent_paths(out)[0] if out is not None else None
     model, info = train_sac(task, target_return=target_return, max_train_steps=max_train_steps,
                             seed=seed, agent_path=weights, max_episode_steps=max_episode_steps,
-                            eval_every=eval_every, progress=progress)
+                            eval_every=eval_every, progress=progress,
+                            max_train_seconds=max_train_seconds)
     extra = {"agent": None if weights is None else str(weights),
              "agent_train_steps": info["train_steps"], "agent_eval_return": info["eval_return"],
              "target_return": info["target_return"], "agent_reached_target": info["reached"]}

@@ -47,6 +47,7 @@ __all__ = [
     "awr_weights",
     "evaluate_critic",
     "expectile_loss",
+    "featured_mlp",
     "iql_q_loss",
     "iql_value_loss",
     "mlp",
@@ -101,6 +102,13 @@ class CriticConfig:
     """Width of every hidden layer of the Q and V MLPs."""
     depth: int = 2
     """Number of hidden layers of each MLP."""
+    fourier_features: int = 0
+    """Random Fourier features of the normalised inputs (Tancik et al. 2020): ``n`` frequencies
+    ``B ~ N(0, fourier_scale²)`` give ``[x, sin(2πBx), cos(2πBx)]`` at every network's input.
+    0 = plain inputs. They let a small MLP fit values that change sharply with the state
+    (Nav1D's reward moves to a new target at every time step)."""
+    fourier_scale: float = 1.0
+    """Standard deviation of the Fourier frequencies (cycles per unit of normalised input)."""
     expectile: float = 0.7
     """Expectile tau of the value regression (0.5 = mean, -> 1 = max over dataset actions)."""
     gamma: float = 0.99
@@ -156,10 +164,12 @@ class CriticConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name,
                  "an integer >= 1")
-        for name in ("warmup_steps", "seed", "ckpt_every"):
+        for name in ("warmup_steps", "seed", "ckpt_every", "fourier_features"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name,
                  "an integer >= 0")
+        need(self.fourier_scale > 0.0 and math.isfinite(self.fourier_scale), "fourier_scale",
+             "> 0")
         need(0.0 < self.expectile < 1.0, "expectile", "in (0, 1)")
         need(0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]")
         need(0.0 < self.target_tau <= 1.0, "target_tau", "in (0, 1]")
@@ -194,6 +204,32 @@ def mlp(in_dim: int, hidden: int, depth: int, out_dim: int) -> nn.Sequential:
         d = hidden
     layers.append(nn.Linear(d, out_dim))
     return nn.Sequential(*layers)
+
+
+class FourierInput(nn.Module):
+    """``x -> [x, sin(2πBx), cos(2πBx)]`` with a fixed random ``B`` (a buffer, saved with the
+    weights); the identity when ``n == 0``."""
+
+    def __init__(self, in_dim: int, n: int, scale: float, seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(int(seed) + 7919)
+        self.register_buffer("freqs", torch.randn(in_dim, n, generator=gen) * float(scale))
+        self.out_dim = in_dim + 2 * n
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.freqs.shape[1] == 0:
+            return x
+        z = 2 * math.pi * (x @ self.freqs.to(x.dtype))
+        return torch.cat([x, torch.sin(z), torch.cos(z)], dim=-1)
+
+
+def featured_mlp(in_dim: int, cfg: Any, out_dim: int = 1, salt: int = 0) -> nn.Sequential:
+    """:func:`mlp` behind a :class:`FourierInput` of ``cfg.fourier_features`` frequencies
+    (module 0 is the feature map, so a plain MLP's layer indices shift by one)."""
+    feats = FourierInput(in_dim, cfg.fourier_features, cfg.fourier_scale, cfg.seed + salt)
+    if cfg.fourier_features == 0:
+        return mlp(in_dim, cfg.hidden, cfg.depth, out_dim)
+    return nn.Sequential(feats, *mlp(feats.out_dim, cfg.hidden, cfg.depth, out_dim))
 
 
 class FieldNormalizer(nn.Module):
@@ -275,15 +311,15 @@ class IQLCritic(nn.Module):
         self.normalizer = make_field_normalizers(
             normalizers, {"observations": obs_dim, "actions": act_dim})
         """Input normalisers (buffers ``normalizer.<field>.<param>``)."""
-        self.q1 = mlp(obs_dim + act_dim, c.hidden, c.depth, 1)
+        self.q1 = featured_mlp(obs_dim + act_dim, c)
         """First online Q network."""
-        self.q2 = mlp(obs_dim + act_dim, c.hidden, c.depth, 1)
+        self.q2 = featured_mlp(obs_dim + act_dim, c)
         """Second online Q network."""
-        self.v_net = mlp(obs_dim, c.hidden, c.depth, 1)
+        self.v_net = featured_mlp(obs_dim, c, salt=1)
         """State-value network."""
-        self.q1_target = mlp(obs_dim + act_dim, c.hidden, c.depth, 1)
+        self.q1_target = featured_mlp(obs_dim + act_dim, c)
         """Polyak copy of ``q1`` (no gradient)."""
-        self.q2_target = mlp(obs_dim + act_dim, c.hidden, c.depth, 1)
+        self.q2_target = featured_mlp(obs_dim + act_dim, c)
         """Polyak copy of ``q2`` (no gradient)."""
         self.q1_target.load_state_dict(self.q1.state_dict())
         self.q2_target.load_state_dict(self.q2.state_dict())

@@ -23,7 +23,11 @@ def report_markdown(report: dict) -> str:
         "",
         f"Optimal return {report['optimal_return']:.2f} (dynamic programming); dataset mean "
         f"return {report['dataset_return']:.2f}. Preset `{report['preset']}`, device "
-        f"`{report['device']}`.",
+        f"`{report['device']}`."
+        + (f" The critic's greedy policy (argmax over 201 actions of Q) reaches "
+           f"{report['critic_greedy_normalized']:.1f}% of the optimum: the ceiling of a "
+           "one-candidate policy aligned to it."
+           if report.get("critic_greedy_normalized") is not None else ""),
         "",
         "| stage | candidates | denoise steps | return | % of optimum | coherency | entropy "
         "| train s |",
