@@ -67,16 +67,17 @@ def _unwrap(trained, net):
     remove_lora(net)
 
 
-@pytest.mark.parametrize("method", ["ppo", "reinforce", "qvpg", "dpo", "sft"])
+@pytest.mark.parametrize("method", ["ppo", "reinforce", "qvpg", "qvpg_group", "dpo", "sft"])
 def test_each_method_raises_reward_over_reference(trained, method):
     setup, net = _setup(trained)
     base = {k: v.clone() for k, v in net.get_base_model().state_dict().items()
             if "lora_" not in k}
     ref_reward, _ = validation_reward(setup, net=net)
     g = torch.Generator().manual_seed(0)
-    if method in ("ppo", "reinforce", "qvpg"):
-        m = RLMethod(setup, net, RLConfig(algo=method, states_per_iter=16, group_size=8,
-                                          lr=3e-3, kl_coef=0.0), g)
+    if method.startswith(("ppo", "reinforce", "qvpg")):
+        algo, _, scale = method.partition("_")
+        m = RLMethod(setup, net, RLConfig(algo=algo, states_per_iter=16, group_size=8,
+                                          lr=3e-3, kl_coef=0.0, qvpg_scale=scale or "none"), g)
         iters = 12
     elif method == "dpo":
         m = DPOMethod(setup, net, DPOConfig(states_per_iter=32, candidates=8, lr=3e-3,
@@ -225,3 +226,27 @@ def test_qvpg_keeps_a_kl_on_deterministic_samplers(trained):
     finally:
         model.process = original
         _unwrap(trained, net)
+
+
+def test_support_guard_flags_samples_off_the_data(trained):
+    from diffalign.align.common import fraction_below, outside_support, support_floor
+
+    setup, net = _setup(trained)
+    floor = support_floor(setup, net)
+    # the reference against its own 10% quantile: about 10% below (other noise draws)
+    assert outside_support(setup, net, floor) < 0.3
+    obs = setup.val_states
+    with torch.no_grad(), reference(net):
+        x = setup.model.sample(obs, generator=torch.Generator().manual_seed(5), net=net).x0
+    assert fraction_below(setup, net, x, obs, floor) < 0.3
+    # the data's random policy is temporally correlated: an action chunk that flips
+    # between -1 and 1 at every step is one the reference never draws
+    zigzag = torch.ones_like(x)
+    zigzag[:, 1::2] = -1
+    frac = fraction_below(setup, net, zigzag, obs, floor)
+    assert frac > 0.8
+    guard = Guard(lora_parameters(net), reference_reward=0.0, cfg=GuardConfig(support_frac=0.35))
+    assert guard.support_left(0.2) is None
+    reason = guard.support_left(frac)
+    assert reason and "support" in reason
+    _unwrap(trained, net)

@@ -11,6 +11,7 @@ from diffalign.align.rl import (
     credit_retrospective,
     gaussian_kl_equal_var,
     group_advantages,
+    group_scale,
     policy_gradient_loss,
 )
 from diffalign.processes import build_process
@@ -23,6 +24,17 @@ def test_group_advantages_by_hand():
     torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="groups of 3"):
         group_advantages(r, 3)
+
+
+def test_group_scale_by_hand():
+    r = torch.tensor([1.0, 3.0, 10.0, 10.0, 0.0, 6.0])
+    # group stds 1, 0, 3 (mean 4/3); scale = std + 0.1 * 4/3
+    want = torch.tensor([1.0, 1.0, 0.0, 0.0, 3.0, 3.0]) + 0.4 / 3
+    torch.testing.assert_close(group_scale(r, 2), want + 1e-8)
+    # rescaling every reward leaves r / scale unchanged: the KL weight means the same
+    torch.testing.assert_close(r / group_scale(r, 2), 100 * r / group_scale(100 * r, 2))
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_scale(r, 4)
 
 
 def test_reinforce_and_ppo_by_hand():

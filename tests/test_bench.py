@@ -267,3 +267,15 @@ def test_rl_kl_size_is_a_number():
         parse_sizes("rl_kl=lots")
     with pytest.raises(ValueError, match="rl_kl"):
         BenchSizes(rl_kl=-1.0)
+
+
+def test_rl_group_scale_size_reaches_the_rl_config():
+    from diffalign.bench.cell import align_config
+    from diffalign.bench.grid import BenchSizes, parse_sizes
+
+    assert BenchSizes().rl_group_scale == 0
+    on = parse_sizes("rl_group_scale=1", suite="mujoco")
+    assert align_config(on, ["rl"], seed=0, quick=False).rl.qvpg_scale == "group"
+    assert align_config(BenchSizes(), ["rl"], seed=0, quick=False).rl.qvpg_scale == "none"
+    with pytest.raises(ValueError, match="rl_group_scale"):
+        parse_sizes("rl_group_scale=2")

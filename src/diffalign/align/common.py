@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from ..processes import Inpaint
 
 __all__ = ["AdapterMethod", "AlignSetup", "condition_pool", "diversity_bonus",
-           "expand_condition", "freeze", "reward_spread", "validation_reward"]
+           "expand_condition", "fraction_below", "freeze", "outside_support",
+           "reference_likelihood", "reward_spread", "support_floor", "validation_reward"]
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -116,6 +117,56 @@ def validation_reward(setup: AlignSetup, net: nn.Module | None = None, seed: int
     rows = obs.repeat_interleave(candidates, 0)
     r = setup.reward(out.x0, rows).view(-1, candidates).max(1).values
     return float(r.mean()), r
+
+
+@torch.no_grad()
+def reference_likelihood(setup: AlignSetup, net: nn.Module, x0: Tensor, obs: Tensor,
+                         n_samples: int = 4, seed: int = 99) -> Tensor:
+    """The reference's likelihood proxy of samples ``x0`` (one per row of ``obs``), ``(B,)``:
+    the process's denoising-error proxy with the adapter switched off."""
+    from .lora import reference
+
+    model = setup.model
+    cond, inpaint, shape = expand_condition(model, obs, 1)
+    g = torch.Generator().manual_seed(seed)
+    with reference(net):
+        return model.process.likelihood(net, x0, cond=cond, n_samples=n_samples, generator=g,
+                                        mask=free_mask(inpaint, shape))
+
+
+@torch.no_grad()
+def support_floor(setup: AlignSetup, net: nn.Module, quantile: float = 0.1,
+                  seed: int = 2468) -> float:
+    """The ``quantile`` of the reference's likelihood of its OWN samples on the validation
+    states: samples below it are ones the reference itself rarely draws."""
+    from .lora import reference
+
+    obs = setup.val_states.to(setup.model.device)
+    with reference(net):
+        x0 = setup.model.sample(obs, generator=torch.Generator().manual_seed(seed),
+                                steps=setup.steps, net=net).x0
+    return float(torch.quantile(reference_likelihood(setup, net, x0, obs), quantile))
+
+
+@torch.no_grad()
+def outside_support(setup: AlignSetup, net: nn.Module, floor: float, seed: int = 1357
+                    ) -> float:
+    """Fraction of the current model's samples on the validation states whose reference
+    likelihood is below ``floor`` (:func:`support_floor`); about the quantile for the
+    reference itself, near 1 for a model that left the data."""
+    obs = setup.val_states.to(setup.model.device)
+    x0 = setup.model.sample(obs, generator=torch.Generator().manual_seed(seed),
+                            steps=setup.steps, net=net).x0
+    return fraction_below(setup, net, x0, obs, floor)
+
+
+@torch.no_grad()
+def fraction_below(setup: AlignSetup, net: nn.Module, x0: Tensor, obs: Tensor, floor: float
+                   ) -> float:
+    """Fraction of samples ``x0`` whose reference likelihood is below ``floor`` (a
+    non-finite likelihood counts as below)."""
+    ll = reference_likelihood(setup, net, x0, obs)
+    return float((~(ll >= floor)).float().mean())
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from .common import AdapterMethod, AlignSetup, diversity_bonus, expand_condition
 from .lora import reference
 
 __all__ = ["RLConfig", "RLMethod", "credit_decreasing", "credit_retrospective",
-           "gaussian_kl_equal_var", "group_advantages", "policy_gradient_loss"]
+           "gaussian_kl_equal_var", "group_advantages", "group_scale", "policy_gradient_loss"]
 
 
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
@@ -36,6 +36,21 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Ten
     g = rewards.view(-1, group_size)
     adv = (g - g.mean(1, keepdim=True)) / (g.std(1, unbiased=False, keepdim=True) + eps)
     return adv.reshape(-1)
+
+
+def group_scale(rewards: Tensor, group_size: int, floor: float = 0.1) -> Tensor:
+    """Per-sample reward scale: the std of R over its group of ``group_size`` consecutive
+    samples plus ``floor`` times the mean of those stds over the batch, ``(B,)``.
+
+    The floor keeps a state where every sample scores the same from being amplified without
+    bound.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of "
+                         f"{group_size}")
+    std = rewards.view(-1, group_size).std(1, unbiased=False)
+    scale = std + floor * std.mean() + 1e-8
+    return scale.repeat_interleave(group_size)
 
 
 def policy_gradient_loss(logp: Tensor, advantages: Tensor, logp_old: Tensor | None = None,
@@ -140,6 +155,11 @@ class RLConfig:
     """QV-PG: backpropagate through the last K denoising steps only."""
     random_k: bool = False
     """QV-PG: draw K uniformly from 1..grad_last_k per batch."""
+    qvpg_scale: Literal["none", "group"] = "none"
+    """QV-PG: "group" divides each sample's reward by the (detached) spread of R over its
+    condition's group (std + 10% of the batch's mean std), so every state pulls with the same
+    strength however flat R is there, and the KL weight means the same on any reward scale;
+    "none" maximises R as it is."""
     entropy_coef: float = 0.0
     """Weight of the diversity (entropy surrogate) bonus; 0 disables it."""
     max_grad_norm: float = 1.0
@@ -271,7 +291,10 @@ class RLMethod(AdapterMethod):
                     kl = kl + self._kl(kst, x.detach(), t, tp, cond, free, kl_proc)
             x = proc.impose(st.prev, tp, inpaint, self.gen)
         reward = self.setup.reward(x, rows)
-        loss = -reward.mean() + cfg.kl_coef * kl.mean()
+        objective = reward
+        if cfg.qvpg_scale == "group" and n > 1:
+            objective = reward / group_scale(reward.detach(), n)
+        loss = -objective.mean() + cfg.kl_coef * kl.mean()
         if cfg.entropy_coef > 0:
             loss = loss - cfg.entropy_coef * diversity_bonus(x, n).mean()
         loss.backward()

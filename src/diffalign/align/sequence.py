@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .common import AlignSetup, reward_spread, validation_reward
+from .common import (
+    AlignSetup,
+    outside_support,
+    reward_spread,
+    support_floor,
+    validation_reward,
+)
 from .dpo import DPOConfig, DPOMethod
 from .guards import Guard, GuardConfig
 from .lora import lora_parameters
@@ -95,6 +101,7 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
     scale = max(reward_spread(setup, net=net), 1e-6)
     guard = Guard(lora_parameters(net), reference_reward=ref_reward, cfg=seq.guard, scale=scale)
     guard.observe(ref_reward)
+    floor = support_floor(setup, net) if seq.guard.support_frac < 1 else None
     stages: list[StageResult] = []
     events: list[dict] = []
     pass_start = ref_reward
@@ -115,6 +122,9 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
                     val, _ = validation_reward(setup, net=net)
                     stats["val_reward"] = val
                     reason = guard.reward_collapsed(val)
+                    if reason is None and floor is not None:
+                        stats["outside_support"] = outside_support(setup, net, floor)
+                        reason = guard.support_left(stats["outside_support"])
                     if reason is None:
                         if guard.observe(val) and val - stage_best > seq.min_delta * scale:
                             stage_best, stale = val, 0

@@ -151,6 +151,7 @@ def align_config(size: BenchSizes, methods: Sequence[str], seed: int, quick: boo
                       seed=seed, cascade=None)
     cfg.rl = replace(cfg.rl, states_per_iter=size.rl_states, group_size=size.rl_group,
                      kl_coef=float(size.rl_kl),
+                     qvpg_scale="group" if size.rl_group_scale else "none",
                      **({"ppo_epochs": 1} if quick else {}))
     cfg.dpo = replace(cfg.dpo, states_per_iter=size.dpo_states, candidates=size.dpo_candidates,
                       **({"updates_per_batch": 1} if quick else {}))

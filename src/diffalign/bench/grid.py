@@ -140,7 +140,15 @@ class BenchSizes:
     MetaWorld button-press exploited its expert-data critic and fell from 100% success to 0;
     with 0.5 and 5.0 it kept 100%."""
 
+    rl_group_scale: int = 0
+    """RL: 1 divides QV-PG's reward by its spread over each condition's group
+    (``RLConfig.qvpg_scale="group"``), which makes ``rl_kl`` independent of the reward's
+    scale; 0 uses the reward as it is."""
+
     def __post_init__(self) -> None:
+        if self.rl_group_scale not in (0, 1):
+            raise ValueError(f"size rl_group_scale must be 0 or 1, got "
+                             f"rl_group_scale={self.rl_group_scale!r}")
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name in FLOAT_SIZES:
@@ -148,7 +156,7 @@ class BenchSizes:
                     raise ValueError(f"size {f.name} must be a number >= 0, got "
                                      f"{f.name}={v!r}")
                 continue
-            low = 0 if f.name == "denoise_steps" else 1
+            low = 0 if f.name in ("denoise_steps", "rl_group_scale") else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"size {f.name} must be an integer >= {low}, got "
                                  f"{f.name}={v!r}")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import tyro
 
@@ -33,6 +33,11 @@ class AlignArgs:
     """Also save a plain checkpoint with the adapter merged into the weights."""
     lora_rank: int = 8
     """Rank of the LoRA adapter."""
+    rl_kl: float = 0.005
+    """RL: weight of the KL to the reference (0 disables it)."""
+    rl_scale: Literal["none", "group"] = "none"
+    """RL (QV-PG): "group" divides the reward by its spread over each state's samples, so
+    --rl-kl means the same on any reward scale."""
     seed: int = 0
     """Seed."""
     device: str = "cpu"
@@ -53,6 +58,8 @@ class AlignArgs:
             if not (p / "config.json").is_file():
                 raise FileNotFoundError(f"{name} {str(p)!r} is not a checkpoint directory "
                                         "(no config.json)")
+        if not self.rl_kl >= 0:
+            raise ValueError(f"rl_kl must be >= 0, got rl_kl={self.rl_kl}")
         if self.passes < 1 or self.max_iters < 1 or self.lora_rank < 1:
             raise ValueError(f"passes={self.passes}, max_iters={self.max_iters}, lora_rank="
                              f"{self.lora_rank} must be >= 1")
@@ -74,6 +81,7 @@ def align_main(args: AlignArgs) -> dict:
     seq = SequenceConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                          passes=args.passes, max_iters=args.max_iters)
     cfg = AlignConfig(sequence=seq, lora_rank=args.lora_rank, seed=args.seed)
+    cfg.rl = replace(cfg.rl, kl_coef=args.rl_kl, qvpg_scale=args.rl_scale)
     if not args.cascade:
         cfg.cascade = None
     res = align(model, critic, task.episodes, cfg, out_dir=args.out, progress=args.progress,

@@ -45,6 +45,11 @@ CRITIC_EXPECTILE = 0.95
 (argmax_a Q over 201 actions, 200 episodes) reached 77.5% of the optimum with IQL's usual 0.7
 and 3000 steps, 80.8% with 0.9 and 6000 steps, 81.2% with 0.95 and 6000; 0.97 (3000 steps)
 gave 75.5% and 0.99 (6000) 73.9%. Alignment cannot do better than its critic."""
+CRITIC_DEPTH = 3
+"""Hidden layers of the run's critic MLPs. With expectile 0.95 and 6000 steps on nav1d/full
+the greedy policy reached 81.2% with 2 layers, 85.6% and 84.7% (two seeds) with 3, 84.3%
+with 4 and 83.3% with 3 layers of width 512; random Fourier input features (64 frequencies,
+scale 0.5 / 3.0) gave 82.6% / 77.6%, and gamma 1.0 83.6%."""
 
 
 @dataclass
@@ -166,6 +171,7 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
         _log(f"critic: training IQL for {P['critic_steps']} steps")
         critic = train_critic(task.episodes, CriticConfig(steps=P["critic_steps"], seed=args.seed,
                                                           expectile=CRITIC_EXPECTILE,
+                                                          depth=CRITIC_DEPTH,
                                                           device=args.device),
                               out_dir=cdir, progress=args.progress)
     _remember(out, "critic_train_s", time.perf_counter() - t0, trained)
