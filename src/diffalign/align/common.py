@@ -12,7 +12,8 @@ from ..processes import Inpaint
 
 __all__ = ["AdapterMethod", "AlignSetup", "condition_pool", "diversity_bonus",
            "expand_condition", "fraction_below", "freeze", "outside_support",
-           "reference_likelihood", "reward_spread", "support_floor", "validation_reward"]
+           "reference_likelihood", "reward_spread", "support_floor", "validation_draw",
+           "validation_reward"]
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -107,16 +108,24 @@ class AlignSetup:
 
 
 @torch.no_grad()
-def validation_reward(setup: AlignSetup, net: nn.Module | None = None, seed: int = 1234,
-                      candidates: int = 1) -> tuple[float, Tensor]:
-    """Mean reward of one sample per validation state with a fixed seed: ``(mean, per-state)``."""
+def validation_draw(setup: AlignSetup, net: nn.Module | None = None, seed: int = 1234,
+                    candidates: int = 1) -> tuple[float, Tensor, Tensor]:
+    """:func:`validation_reward` plus the samples it scored, ``(mean, per-state, x0)``; ``x0``
+    has ``candidates`` rows per validation state, in order."""
     model = setup.model
     g = torch.Generator().manual_seed(seed)
     obs = setup.val_states.to(model.device)
     out = model.sample(obs, n=candidates, generator=g, steps=setup.steps, net=net)
     rows = obs.repeat_interleave(candidates, 0)
     r = setup.reward(out.x0, rows).view(-1, candidates).max(1).values
-    return float(r.mean()), r
+    return float(r.mean()), r, out.x0
+
+
+def validation_reward(setup: AlignSetup, net: nn.Module | None = None, seed: int = 1234,
+                      candidates: int = 1) -> tuple[float, Tensor]:
+    """Mean reward of one sample per validation state with a fixed seed: ``(mean, per-state)``."""
+    mean, r, _ = validation_draw(setup, net, seed, candidates)
+    return mean, r
 
 
 @torch.no_grad()
@@ -154,10 +163,8 @@ def outside_support(setup: AlignSetup, net: nn.Module, floor: float, seed: int =
     """Fraction of the current model's samples on the validation states whose reference
     likelihood is below ``floor`` (:func:`support_floor`); about the quantile for the
     reference itself, near 1 for a model that left the data."""
-    obs = setup.val_states.to(setup.model.device)
-    x0 = setup.model.sample(obs, generator=torch.Generator().manual_seed(seed),
-                            steps=setup.steps, net=net).x0
-    return fraction_below(setup, net, x0, obs, floor)
+    _, _, x0 = validation_draw(setup, net, seed)
+    return fraction_below(setup, net, x0, setup.val_states.to(x0.device), floor)
 
 
 @torch.no_grad()

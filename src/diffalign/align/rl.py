@@ -21,6 +21,12 @@ __all__ = ["RLConfig", "RLMethod", "credit_decreasing", "credit_retrospective",
            "gaussian_kl_equal_var", "group_advantages", "group_scale", "policy_gradient_loss"]
 
 
+def _check_groups(rewards: Tensor, group_size: int) -> None:
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of "
+                         f"{group_size}")
+
+
 def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
     """Rewards normalised within groups of ``group_size`` consecutive samples.
 
@@ -28,9 +34,7 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Ten
     is the group baseline of DESIGN §4 (and GRPO). ``rewards``: ``(B,)`` with B a multiple of
     ``group_size``. A group of one falls back to the batch statistics.
     """
-    if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of "
-                         f"{group_size}")
+    _check_groups(rewards, group_size)
     if group_size == 1:
         return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
     g = rewards.view(-1, group_size)
@@ -45,9 +49,7 @@ def group_scale(rewards: Tensor, group_size: int, floor: float = 0.1) -> Tensor:
     The floor keeps a state where every sample scores the same from being amplified without
     bound.
     """
-    if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of "
-                         f"{group_size}")
+    _check_groups(rewards, group_size)
     std = rewards.view(-1, group_size).std(1, unbiased=False)
     scale = std + floor * std.mean() + 1e-8
     return scale.repeat_interleave(group_size)

@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 
 from .common import (
     AlignSetup,
-    outside_support,
+    fraction_below,
     reward_spread,
     support_floor,
+    validation_draw,
     validation_reward,
 )
 from .dpo import DPOConfig, DPOMethod
@@ -119,11 +120,12 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
                 stats = method.step()
                 reason = guard.loss_spiked(float(stats.get("loss", 0.0)))
                 if reason is None and (it + 1) % seq.eval_every == 0:
-                    val, _ = validation_reward(setup, net=net)
+                    val, _, x0 = validation_draw(setup, net=net)
                     stats["val_reward"] = val
                     reason = guard.reward_collapsed(val)
-                    if reason is None and floor is not None:
-                        stats["outside_support"] = outside_support(setup, net, floor)
+                    if reason is None and floor is not None:  # the same samples, off-data?
+                        stats["outside_support"] = fraction_below(
+                            setup, net, x0, setup.val_states.to(x0.device), floor)
                         reason = guard.support_left(stats["outside_support"])
                     if reason is None:
                         if guard.observe(val) and val - stage_best > seq.min_delta * scale:

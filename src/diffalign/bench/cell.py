@@ -220,13 +220,16 @@ def run_cell(cell: dict, task_name: str, cell_dir: str, critic_dir: str,
         _log(f"cell {c.id}: {name}: return {res['return_mean']:.2f} ± {res['return_std']:.2f}"
              + ("" if s is None else f", score {s:.1f}"))
 
-    # reference: one candidate (dp also N candidates, expectation vs IDQL)
-    t0 = time.perf_counter()
-    run_eval("reference", 1, "auto", False)
-    if c.model == "dp":
-        run_eval("reference_expectation", size.candidates, "expectation", False)
-        run_eval("reference_idql", size.candidates, "idql_greedy", True)
-    timings["reference_eval_s"] = time.perf_counter() - t0
+    def run_evals(stage: str) -> None:
+        """One candidate; for dp also N candidates, expectation vs IDQL (Table 3)."""
+        t0 = time.perf_counter()
+        run_eval(stage, 1, "auto", False)
+        if c.model == "dp":
+            run_eval(f"{stage}_expectation", size.candidates, "expectation", False)
+            run_eval(f"{stage}_idql", size.candidates, "idql_greedy", True)
+        timings[f"{stage}_eval_s"] = time.perf_counter() - t0
+
+    run_evals("reference")
 
     # alignment
     adir = out / "align"
@@ -240,12 +243,7 @@ def run_cell(cell: dict, task_name: str, cell_dir: str, critic_dir: str,
         timings["align_s"] = time.perf_counter() - t0
     info = json.loads((adir / "align.json").read_text())
 
-    t0 = time.perf_counter()
-    run_eval("aligned", 1, "auto", False)
-    if c.model == "dp":
-        run_eval("aligned_expectation", size.candidates, "expectation", False)
-        run_eval("aligned_idql", size.candidates, "idql_greedy", True)
-    timings["aligned_eval_s"] = time.perf_counter() - t0
+    run_evals("aligned")
     timings["cell_s"] = time.perf_counter() - t_cell
 
     result: dict[str, Any] = {

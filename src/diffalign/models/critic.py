@@ -226,9 +226,9 @@ class FourierInput(nn.Module):
 def featured_mlp(in_dim: int, cfg: Any, out_dim: int = 1, salt: int = 0) -> nn.Sequential:
     """:func:`mlp` behind a :class:`FourierInput` of ``cfg.fourier_features`` frequencies
     (module 0 is the feature map, so a plain MLP's layer indices shift by one)."""
-    feats = FourierInput(in_dim, cfg.fourier_features, cfg.fourier_scale, cfg.seed + salt)
     if cfg.fourier_features == 0:
         return mlp(in_dim, cfg.hidden, cfg.depth, out_dim)
+    feats = FourierInput(in_dim, cfg.fourier_features, cfg.fourier_scale, cfg.seed + salt)
     return nn.Sequential(feats, *mlp(feats.out_dim, cfg.hidden, cfg.depth, out_dim))
 
 
