@@ -1,6 +1,7 @@
 """Alignment methods on a tiny Nav1D Diffusion Policy: each raises the reward over its
 reference, only the LoRA adapter changes, the reference is untouched, guards restore."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from diffalign.align.cascade import CascadeConfig, CascadeModel, build_refiner, train_cascade
 from diffalign.align.common import AlignSetup, condition_pool, freeze, validation_reward
-from diffalign.align.dpo import DPOConfig, DPOMethod
+from diffalign.align.dpo import DPOConfig, DPOMethod, dataset_pairs
 from diffalign.align.guards import Guard, GuardConfig
 from diffalign.align.lora import add_lora, lora_parameters, reference, remove_lora
 from diffalign.align.rl import RLConfig, RLMethod
@@ -48,17 +49,21 @@ def trained():
     model.eval()
     states = condition_pool(task.episodes, model.spec.obs_history, 256, seed=0)
     val = condition_pool(task.episodes, model.spec.obs_history, 64, seed=1)
-    return model, model.net.state_dict(), states, val
+    # the same steps rewarded like the critic below: dataset pairs ranked by this return
+    # prefer the windows whose actions are nearer 0.6
+    episodes = dataclasses.replace(
+        task.episodes, rewards=(-(task.episodes.actions[:, 0] - 0.6) ** 2).astype("float32"))
+    return model, model.net.state_dict(), states, val, episodes
 
 
 def _setup(trained):
-    model, state, states, val = trained
+    model, state, states, val, episodes = trained
     model.net.load_state_dict(state)
     freeze(model)
     torch.manual_seed(0)  # LoRA A matrices are drawn from the global generator
     net = add_lora(model.net, r=4)
     setup = AlignSetup(model=model, critic=freeze(TargetActionCritic()), states=states,
-                       val_states=val, steps=5)
+                       val_states=val, steps=5, episodes=episodes)
     return setup, net
 
 
@@ -67,7 +72,8 @@ def _unwrap(trained, net):
     remove_lora(net)
 
 
-@pytest.mark.parametrize("method", ["ppo", "reinforce", "qvpg", "qvpg_group", "dpo", "sft"])
+@pytest.mark.parametrize("method", ["ppo", "reinforce", "qvpg", "qvpg_group", "dpo",
+                                    "dpo_dataset", "sft"])
 def test_each_method_raises_reward_over_reference(trained, method):
     setup, net = _setup(trained)
     base = {k: v.clone() for k, v in net.get_base_model().state_dict().items()
@@ -79,9 +85,10 @@ def test_each_method_raises_reward_over_reference(trained, method):
         m = RLMethod(setup, net, RLConfig(algo=algo, states_per_iter=16, group_size=8,
                                           lr=3e-3, kl_coef=0.0, qvpg_scale=scale or "none"), g)
         iters = 12
-    elif method == "dpo":
+    elif method.startswith("dpo"):
+        source = "dataset" if method == "dpo_dataset" else "reference"
         m = DPOMethod(setup, net, DPOConfig(states_per_iter=32, candidates=8, lr=3e-3,
-                                            beta=200.0), g)
+                                            beta=200.0, pair_source=source), g)
         iters = 12
     else:
         m = SFTMethod(setup, net, SFTConfig(states_per_round=32, candidates=8, lr=3e-3,
@@ -249,4 +256,53 @@ def test_support_guard_flags_samples_off_the_data(trained):
     assert guard.support_left(0.2) is None
     reason = guard.support_left(frac)
     assert reason and "support" in reason
+    _unwrap(trained, net)
+
+
+def test_dataset_pairs_prefer_the_higher_return_among_near_states(trained):
+    model, _, _, _, episodes = trained
+    d = dataset_pairs(model, episodes, neighbours=8, discount=0.99, max_windows=2000)
+    n = len(d["gap"])
+    assert n > 1000 and bool((d["gap"] > 0).all())
+    assert d["x_w"].shape == d["x_l"].shape == (n, model.spec.horizon, model.act_dim)
+    assert d["obs"].shape == (n, model.spec.obs_history, model.obs_dim)
+    # the return here rewards actions near 0.6: winners' first actions are nearer on average
+    a_w = model.unnorm("actions", d["x_w"])[:, 0, 0]
+    a_l = model.unnorm("actions", d["x_l"])[:, 0, 0]
+    assert float((a_w - 0.6).abs().mean()) < float((a_l - 0.6).abs().mean()) - 0.1
+    with pytest.raises(ValueError, match="neighbours"):
+        dataset_pairs(model, episodes, neighbours=1)
+
+
+def test_online_rounds_grow_the_buffer_train_the_critic_and_rebase(trained):
+    from diffalign.align.online import OnlineConfig, OnlineTuner
+    from diffalign.models.critic import CriticConfig, train_critic
+
+    task = resolve_task("nav1d/full", episodes=200)
+    critic = freeze(train_critic(task.episodes, CriticConfig(steps=30, hidden=32, seed=0),
+                                 progress=False))
+    setup, net = _setup(trained)
+    setup.critic, setup.episodes = critic, task.episodes
+    before = [p.detach().clone() for p in critic.trainable_parameters()]
+    n_states = len(setup.states)
+    tuner = OnlineTuner(setup, task.episodes, task.make_env,
+                        OnlineConfig(every=2, episodes=3, critic_steps=5, max_rounds=2))
+    offline = tuner.offline_size
+    seq = SequenceConfig(methods=("rl",), passes=1, max_iters=6, eval_every=2, patience=5)
+    stages, events, guard = run_sequence(
+        setup, net, seq, {"rl": RLConfig(states_per_iter=8, lr=3e-3)}, progress=False,
+        online=tuner)
+    rounds = [e for e in events if e["kind"] == "online_round"]
+    assert [e["round"] for e in rounds] == [1, 2]  # max_rounds caps them
+    assert len(tuner.buffer["rewards"]) == offline + 2 * 3 * 32  # 3 episodes of 32 steps
+    assert rounds[-1]["buffer"] == offline + 192 and len(setup.states) == n_states + 192
+    assert all(math.isfinite(e["val_reward"]) and math.isfinite(e["critic_loss"])
+               for e in rounds)
+    after = critic.trainable_parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert not any(p.requires_grad for p in critic.parameters())  # frozen again
+    final, _ = validation_reward(setup, net=net)
+    assert final == pytest.approx(guard.best_reward, abs=1e-6)  # in the new critic's units
+    with pytest.raises(ValueError, match="every"):
+        OnlineConfig(every=0)
     _unwrap(trained, net)

@@ -86,7 +86,7 @@ def test_mujoco_random_cli_roundtrip(tmp_path):
 def test_sim_task_string_resolves_collected_data(data_dir):
     pytest.importorskip("mujoco")
     from diffalign.commands.collect import collect_task
-    from diffalign.eval.evaluate import _task_env
+    from diffalign.eval.evaluate import task_env
     from diffalign.tasks import resolve_task
 
     with pytest.raises(FileNotFoundError, match="diffalign collect mujoco/walker2d --policy "
@@ -100,7 +100,7 @@ def test_sim_task_string_resolves_collected_data(data_dir):
     env = task.make_env()
     assert env.observation_space.shape == (17,) and env.reset(seed=0)[0].dtype == np.float32
     # evaluate's environment from a model's task metadata
-    make_env, rmin, rmax = _task_env({"task": "mujoco/walker2d/random"})
+    make_env, rmin, rmax = task_env({"task": "mujoco/walker2d/random"})
     assert (rmin, rmax) == (1.629008, 4592.3) and make_env().observation_space.shape == (17,)
     with pytest.raises(ValueError, match="names an environment but no dataset"):
         resolve_task("mujoco/walker2d")

@@ -97,6 +97,9 @@ class AlignSetup:
     """Validation conditions ``(M, T_o, obs_dim)`` (RAW)."""
     steps: int | None = None
     """Denoising steps while aligning (None: the process default)."""
+    episodes: object = None
+    """The offline dataset (:class:`~diffalign.data.episodes.Episodes`), for methods that
+    learn from it directly (DPO with dataset pairs)."""
 
     def reward(self, x0: Tensor, obs_rows: Tensor) -> Tensor:
         """R(x0) for samples whose rows match ``obs_rows``."""

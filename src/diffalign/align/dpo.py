@@ -4,6 +4,11 @@
 ``e(x) = ‖target − net(x_t)‖²`` is the denoising error of the process (ε-error for DDPM/SM,
 velocity error for flow matching) at the *same* time t and noise ε for both members of a
 pair, and ``w`` an SNR weighting.
+
+Pairs come from model samples ranked by the critic (``pair_source`` "reference" or
+"current") or from the dataset (``"dataset"``, :func:`dataset_pairs`): among the dataset
+windows whose first states are nearest neighbours, the one with the highest discounted
+return-to-go wins over the one with the lowest.
 """
 
 from __future__ import annotations
@@ -11,13 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .common import AdapterMethod, expand_condition
 
-__all__ = ["DPOConfig", "DPOMethod", "diffusion_dpo_loss", "dpo_loss", "snr_weight"]
+__all__ = ["DPOConfig", "DPOMethod", "dataset_pairs", "diffusion_dpo_loss", "dpo_loss",
+           "snr_weight"]
 
 
 def dpo_loss(err_w: Tensor, err_ref_w: Tensor, err_l: Tensor, err_ref_l: Tensor,
@@ -81,9 +88,15 @@ class DPOConfig:
     """Conditions (pairs) per update."""
     candidates: int = 8
     """Samples per condition; the best and the worst by R form the pair."""
-    pair_source: Literal["reference", "current"] = "reference"
-    """Which model generates the candidates: the frozen reference (off-policy, classic DPO)
-    or the current aligned model (on-policy, iterated DPO)."""
+    pair_source: Literal["reference", "current", "dataset"] = "reference"
+    """Where pairs come from: samples of the frozen reference (off-policy, classic DPO) or of
+    the current aligned model (on-policy, iterated DPO), ranked by the critic; or dataset
+    windows ranked by their return (:func:`dataset_pairs`; ``candidates`` is then the
+    number of nearest-neighbour windows compared)."""
+    discount: float = 0.99
+    """Discount of the dataset return-to-go that ranks dataset pairs."""
+    max_windows: int = 20000
+    """Dataset windows considered for dataset pairs (a random subset of larger datasets)."""
     updates_per_batch: int = 2
     """Gradient steps on each batch of pairs."""
     lr: float = 3e-4
@@ -98,15 +111,80 @@ class DPOConfig:
             raise ValueError(f"need beta > 0 and lr > 0, got beta={self.beta}, lr={self.lr}")
 
 
+def _return_to_go(episodes, discount: float) -> np.ndarray:
+    """Discounted return-to-go of every dataset step, restarting at each episode's end."""
+    rtg = np.zeros(len(episodes.rewards))
+    for s, e in zip(episodes.starts, episodes.ends):
+        acc = 0.0
+        for i in range(e - 1, s - 1, -1):
+            acc = float(episodes.rewards[i]) + discount * acc
+            rtg[i] = acc
+    return rtg
+
+
+@torch.no_grad()
+def dataset_pairs(model, episodes, neighbours: int = 8, discount: float = 0.99,
+                  max_windows: int = 20000, seed: int = 0) -> dict[str, Tensor]:
+    """Preference pairs from the dataset, ranked by return (DESIGN §4).
+
+    Each of up to ``max_windows`` training windows of ``model`` (the layout it trains on) is
+    an anchor; among its ``neighbours`` nearest windows by first observation (normalised;
+    the anchor included), the one with the highest discounted return-to-go from its first
+    step is the winner and the one with the lowest the loser. Anchors whose neighbours all
+    have the same return give no pair. Returns ``x_w, x_l`` (normalised windows),
+    ``obs`` (the winner's RAW observation history, the pair's shared condition) and ``gap``
+    (the return difference), each with one row per pair.
+    """
+    if neighbours < 2:
+        raise ValueError(f"dataset pairs need neighbours >= 2, got neighbours={neighbours}")
+    ds = model.make_dataset(episodes)
+    rng = np.random.default_rng(seed)
+    idx = np.arange(len(ds))
+    if len(idx) > max_windows:
+        idx = np.sort(rng.choice(idx, size=max_windows, replace=False))
+    batch = ds.get_batch(idx)
+    hist = batch["obs_history"]  # normalised
+    first = hist[:, -1]
+    rtg = torch.as_tensor(_return_to_go(episodes, discount)[ds.indices[idx, 0]])
+    k = min(neighbours, len(idx))
+    nn_idx = torch.cat([torch.cdist(first[i:i + 4096], first).topk(k, largest=False).indices
+                        for i in range(0, len(first), 4096)])  # (M, k)
+    r = rtg[nn_idx]
+    win = nn_idx.gather(1, r.argmax(1, keepdim=True))[:, 0]
+    lose = nn_idx.gather(1, r.argmin(1, keepdim=True))[:, 0]
+    gap = rtg[win] - rtg[lose]
+    keep = gap > 0
+    if not bool(keep.any()):
+        raise ValueError("no dataset pairs: every window's neighbours have the same return")
+    win, lose = win[keep], lose[keep]
+    return {"x_w": batch["x"][win], "x_l": batch["x"][lose],
+            "obs": model.unnorm("observations", hist[win]), "gap": gap[keep].float()}
+
+
 class DPOMethod(AdapterMethod):
-    """One batch of critic-ranked pairs and ``updates_per_batch`` DPO steps per :meth:`step`."""
+    """One batch of pairs and ``updates_per_batch`` DPO steps per :meth:`step`."""
 
     name = "dpo"
+
+    def __init__(self, setup, net, cfg, generator):
+        super().__init__(setup, net, cfg, generator)
+        self._data_pairs = None
+        if cfg.pair_source == "dataset":
+            if setup.episodes is None:
+                raise ValueError("pair_source='dataset' needs the dataset (AlignSetup.episodes)")
+            self._data_pairs = {k: v.to(self.model.device) for k, v in dataset_pairs(
+                self.model, setup.episodes, cfg.candidates, cfg.discount, cfg.max_windows,
+                seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator))).items()}
 
     @torch.no_grad()
     def pairs(self) -> tuple[Tensor, Tensor, Tensor, float]:
         """Winner, loser (normalised samples), their conditions, and the mean reward gap."""
         cfg, n = self.cfg, self.cfg.candidates
+        if self._data_pairs is not None:
+            d = self._data_pairs
+            i = torch.randint(0, len(d["gap"]), (cfg.states_per_iter,), generator=self.gen)
+            i = i.to(d["gap"].device)
+            return d["x_w"][i], d["x_l"][i], d["obs"][i], float(d["gap"][i].mean())
         obs = self.setup.draw_states(cfg.states_per_iter, self.gen)
         gen_net = self.ref if cfg.pair_source == "reference" else self.net
         out = self.model.sample(obs, n=n, generator=self.gen, steps=self.setup.steps,

@@ -113,6 +113,14 @@ class Guard:
             return True
         return False
 
+    def rebase(self, current: float, reference: float) -> None:
+        """Start over in new reward units (the critic changed, e.g. after an online round):
+        the adapter as it is now becomes the best, at ``current``; ``reference`` is the
+        reference's reward under the new critic."""
+        self.best_reward, self.reference_reward = current, reference
+        self.best_state = self.snapshot()
+        self._losses.clear()
+
     def handle_collapse(self, reason: str, optimizer: torch.optim.Optimizer, stage: str,
                         iteration: int) -> dict:
         """Restore the best adapter, lower the LR, and record the event."""

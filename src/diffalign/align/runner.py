@@ -23,6 +23,7 @@ from .cascade import CascadeConfig, CascadeModel, build_refiner, train_cascade
 from .common import AlignSetup, condition_pool, freeze, validation_reward
 from .dpo import DPOConfig
 from .lora import add_lora, load_adapter, merge_lora, save_adapter
+from .online import OnlineConfig, OnlineTuner
 from .rl import RLConfig
 from .sequence import SequenceConfig, StageResult, run_sequence
 from .sft import SFTConfig
@@ -55,6 +56,9 @@ class AlignConfig:
     """Held-out dataset states for the validation reward."""
     steps: int | None = None
     """Denoising steps while aligning (None: the model's default)."""
+    online: OnlineConfig | None = None
+    """Online fine-tuning (rollouts join the critic's buffer and the critic keeps training);
+    None = offline only. The fine-tuned critic is saved to ``OUT/critic_online/``."""
     seed: int = 0
     """Seed of conditions, sampling and updates."""
 
@@ -75,22 +79,34 @@ class AlignResult:
 
 
 def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None = None,
-          on_stage_end=None, progress: bool = True, merge: bool = False) -> AlignResult:
-    """Run the alignment sequence (and the cascade) on ``model`` against ``critic``."""
+          on_stage_end=None, progress: bool = True, merge: bool = False,
+          make_env=None) -> AlignResult:
+    """Run the alignment sequence (and the cascade) on ``model`` against ``critic``.
+
+    With ``cfg.online`` the critic is fine-tuned in place on rollouts in ``make_env()``
+    environments (default: the environment of the model's task).
+    """
     freeze(model)
     freeze(critic)
     states = condition_pool(episodes, model.spec.obs_history, cfg.conditions, seed=cfg.seed)
     val = condition_pool(episodes, model.spec.obs_history, cfg.val_conditions,
                          seed=cfg.seed + 1)
     setup = AlignSetup(model=model, critic=critic, states=states.to(model.device),
-                       val_states=val.to(model.device), steps=cfg.steps)
+                       val_states=val.to(model.device), steps=cfg.steps, episodes=episodes)
     torch.manual_seed(cfg.seed)
     net = add_lora(model.net, r=cfg.lora_rank, alpha=cfg.lora_alpha)
     ref_reward, _ = validation_reward(setup, net=net)
+    online = None
+    if cfg.online is not None:
+        if make_env is None:
+            from ..eval.evaluate import task_env
+
+            make_env = task_env(dict(model.meta))[0]
+        online = OnlineTuner(setup, episodes, make_env, cfg.online)
     stages, events, _ = run_sequence(setup, net, cfg.sequence,
                                      {"rl": cfg.rl, "dpo": cfg.dpo, "sft": cfg.sft},
                                      seed=cfg.seed, on_stage_end=on_stage_end,
-                                     progress=progress)
+                                     progress=progress, online=online)
     result = AlignResult(model=model, net=net, stages=stages, events=events,
                          reference_reward=ref_reward)
     if out_dir is not None:  # the adapter first: align.json below marks the run complete
@@ -104,6 +120,8 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
         result.cascade = CascadeModel(model, net, refiner)
     if out_dir is not None:
         out = Path(out_dir)
+        if online is not None:
+            critic.save(out / "critic_online")
         if refiner is not None:
             save_tensors(out / "cascade" / "refiner.safetensors", refiner.state_dict())
             write_json(out / "cascade" / "config.json", {"kind": "cascade_refiner",

@@ -24,7 +24,7 @@ from .common import (
 )
 from .dpo import DPOConfig, DPOMethod
 from .guards import Guard, GuardConfig
-from .lora import lora_parameters
+from .lora import lora_parameters, reference
 from .rl import RLConfig, RLMethod
 from .sft import SFTConfig, SFTMethod
 
@@ -90,11 +90,15 @@ def build_method(name: str, setup: AlignSetup, net, cfgs: dict, generator):
 
 def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None = None,
                  seed: int = 0, on_stage_end: Callable[[StageResult], None] | None = None,
-                 progress: bool = True) -> tuple[list[StageResult], list[dict], Guard]:
+                 progress: bool = True, online=None
+                 ) -> tuple[list[StageResult], list[dict], Guard]:
     """Run the sequence on the LoRA-wrapped ``net``; returns (stages, events, guard).
 
     ``on_stage_end`` is called after each stage with the adapter set to that stage's best
-    (e.g. to evaluate it in the environment).
+    (e.g. to evaluate it in the environment). ``online`` (an
+    :class:`~diffalign.align.online.OnlineTuner`) runs a round of rollouts and critic
+    training every ``online.cfg.every`` updates; the guard is then re-based on the new
+    critic and each round is recorded as an event.
     """
     cfgs = cfgs or {}
     gen = torch.Generator().manual_seed(seed)
@@ -106,6 +110,20 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
     stages: list[StageResult] = []
     events: list[dict] = []
     pass_start = ref_reward
+    updates = 0
+
+    def online_round(name: str) -> None:
+        nonlocal pass_start
+        guard.restore()  # roll out the best validated adapter
+        event = {**online.round(net), "stage": name}
+        val, _ = validation_reward(setup, net=net)
+        with reference(net):
+            ref_val, _ = validation_reward(setup, net=net)
+        pass_start += val - guard.best_reward  # keep the pass gain in one critic's units
+        guard.rebase(val, ref_val)
+        event.update(val_reward=val, reference_val_reward=ref_val)
+        events.append(event)
+
     for p in range(seq.passes):
         for m in seq.methods:
             name = m if p == 0 else f"{m}_p{p + 1}"
@@ -137,6 +155,10 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
                     events.append(guard.handle_collapse(reason, method.optimizer, name, it))
                     stale += 1
                 history.append({"iteration": it, **stats})
+                updates += 1
+                if online is not None and not online.done and updates % online.cfg.every == 0:
+                    online_round(name)
+                    stage_best, stale = guard.best_reward, 0
                 if stale >= seq.patience:
                     break
             guard.restore()  # end every stage on the best validated adapter

@@ -38,6 +38,19 @@ class AlignArgs:
     rl_scale: Literal["none", "group"] = "none"
     """RL (QV-PG): "group" divides the reward by its spread over each state's samples, so
     --rl-kl means the same on any reward scale."""
+    dpo_pairs: Literal["reference", "current", "dataset"] = "reference"
+    """DPO: pairs from reference samples or current-model samples ranked by the critic, or
+    from dataset windows ranked by their return."""
+    online: bool = False
+    """Online fine-tuning: every --online-every updates roll the current model out in the
+    task's environment, add the steps to the critic's buffer, keep training the critic
+    (saved to OUT/critic_online/) and add the visited states to the conditions."""
+    online_every: int = 8
+    """Alignment updates between online rounds."""
+    online_episodes: int = 16
+    """Environment episodes per online round."""
+    online_critic_steps: int = 200
+    """Critic updates per online round."""
     seed: int = 0
     """Seed."""
     device: str = "cpu"
@@ -60,12 +73,17 @@ class AlignArgs:
                                         "(no config.json)")
         if not self.rl_kl >= 0:
             raise ValueError(f"rl_kl must be >= 0, got rl_kl={self.rl_kl}")
+        if self.online_every < 1 or self.online_episodes < 1 or self.online_critic_steps < 0:
+            raise ValueError(f"need online_every >= 1, online_episodes >= 1 and "
+                             f"online_critic_steps >= 0, got {self.online_every}, "
+                             f"{self.online_episodes}, {self.online_critic_steps}")
         if self.passes < 1 or self.max_iters < 1 or self.lora_rank < 1:
             raise ValueError(f"passes={self.passes}, max_iters={self.max_iters}, lora_rank="
                              f"{self.lora_rank} must be >= 1")
 
 
 def align_main(args: AlignArgs) -> dict:
+    from ..align.online import OnlineConfig
     from ..align.runner import AlignConfig, align
     from ..align.sequence import SequenceConfig
     from ..models.base import ControlModel
@@ -82,10 +100,14 @@ def align_main(args: AlignArgs) -> dict:
                          passes=args.passes, max_iters=args.max_iters)
     cfg = AlignConfig(sequence=seq, lora_rank=args.lora_rank, seed=args.seed)
     cfg.rl = replace(cfg.rl, kl_coef=args.rl_kl, qvpg_scale=args.rl_scale)
+    cfg.dpo = replace(cfg.dpo, pair_source=args.dpo_pairs)
+    if args.online:
+        cfg.online = OnlineConfig(every=args.online_every, episodes=args.online_episodes,
+                                  critic_steps=args.online_critic_steps)
     if not args.cascade:
         cfg.cascade = None
     res = align(model, critic, task.episodes, cfg, out_dir=args.out, progress=args.progress,
-                merge=args.merge)
+                merge=args.merge, make_env=task.make_env)
     summary = {"reference_val_reward": res.reference_reward,
                "stages": {s.name: s.val_reward for s in res.stages},
                "events": res.events, "out": str(args.out)}

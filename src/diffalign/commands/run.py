@@ -74,6 +74,13 @@ class RunNav1DArgs:
     """Maximum passes over the methods (default from the preset)."""
     cascade: bool = True
     """Train and evaluate the cascaded refiner after alignment."""
+    dpo_pairs: Literal["reference", "current", "dataset"] = "reference"
+    """DPO pairs: reference or current-model samples ranked by the critic, or dataset
+    windows ranked by their return."""
+    online: bool = False
+    """Online fine-tuning during alignment: every 8 updates, 16 episodes of the current
+    model join the critic's buffer and the critic trains 200 more steps (OUT/align/
+    critic_online/). Off by default: the paper's setting is offline."""
     eval_episodes: int | None = None
     """Evaluation episodes per stage (default from the preset)."""
     seed: int = 0
@@ -219,6 +226,11 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
                          eval_every=P["eval_every"], patience=P["patience"])
     acfg = AlignConfig(sequence=seq, conditions=P["conditions"],
                        val_conditions=P["val_conditions"], seed=args.seed)
+    acfg.dpo = replace(acfg.dpo, pair_source=args.dpo_pairs)
+    if args.online:
+        from ..align.online import OnlineConfig
+
+        acfg.online = OnlineConfig()
     if args.preset == "quick":  # smoke-test sizes: a few conditions and candidates per update
         acfg.rl = replace(acfg.rl, states_per_iter=8, group_size=4, ppo_epochs=1)
         acfg.dpo = replace(acfg.dpo, states_per_iter=16, candidates=4, updates_per_batch=1)
@@ -245,7 +257,7 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
     else:
         result = align(model, critic, task.episodes, acfg, out_dir=adir,
                        on_stage_end=lambda st: run_eval(st.name, model, 1, st.wall_s),
-                       progress=args.progress)
+                       progress=args.progress, make_env=task.make_env)
         if result.cascade is not None:
             run_eval("cascade", result.cascade, 1, result.cascade_wall_s)
         events = result.events
@@ -258,6 +270,7 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
         "optimal_return": task.ref_max,
         "dataset_return": float(task.episodes.returns().mean()),
         "critic_greedy_normalized": ceiling["greedy_normalized"],
+        "online": args.online, "dpo_pairs": args.dpo_pairs,
         "stages": stages,
         "events": events,
         "alignment_seconds": align_train_s,

@@ -67,7 +67,7 @@ def _nav1d_env_factory(meta: dict):
     return functools.partial(gym.make, NAV1D_ID, layout_seed=int(meta.get("layout_seed", 0)))
 
 
-def _task_env(meta: dict) -> tuple[Any, float | None, float | None]:
+def task_env(meta: dict) -> tuple[Any, float | None, float | None]:
     """(make_env, ref_min, ref_max) from a model's task metadata."""
     if _is_nav1d(meta):
         from ..envs.nav1d_optimum import nav1d_optimum
@@ -186,7 +186,7 @@ def evaluate(model: Any, critic: Any = None, episodes: int = 100, candidates: in
     critic = load_critic(critic, device)
     sel = resolve_selection(model.kind, selection, critic)
     meta = dict(model.meta)
-    make_env, ref_min, ref_max = _task_env(meta)
+    make_env, ref_min, ref_max = task_env(meta)
     out = Path(out_dir) if out_dir is not None else model_dir
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {str(out)!r} exists and is not a directory")

@@ -77,7 +77,8 @@ def rollout(model, make_env, episodes: int = 10, candidates: int = 1, steps: int
             selection: str = "auto", critic=None, seed: int = 0, vectorised: bool = True,
             temperature: float = 1.0, max_plans: int = 1024, max_decision_records: int = 4096,
             entropy_states: int = 64, entropy_samples: int = 16, max_parallel: int | None = None,
-            net=None, progress: bool = False) -> RolloutResult:
+            net=None, progress: bool = False, record_transitions: bool = False
+            ) -> RolloutResult:
     """Run ``episodes`` episodes of ``model`` in envs from ``make_env()``.
 
     Args:
@@ -93,6 +94,10 @@ def rollout(model, make_env, episodes: int = 10, candidates: int = 1, steps: int
             the first ``entropy_states`` decision states with ``entropy_samples`` extra samples
             each (not timed as decisions).
         net: overrides the model's denoiser (e.g. a LoRA-wrapped one).
+        record_transitions: keep every step as a transition in ``extra["transitions"]``
+            (``observations, actions, rewards, next_observations, terminals, timeouts``;
+            the layout of :func:`~diffalign.models.critic.transitions_from_episodes`'s input),
+            for online fine-tuning.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got episodes={episodes}")
@@ -118,6 +123,8 @@ def rollout(model, make_env, episodes: int = 10, candidates: int = 1, steps: int
     ent_cands: list[np.ndarray] = []
     n_dec, dec_sec = 0, 0.0
     n_plans = n_rec = 0
+    trans: dict[str, list] = {k: [] for k in ("observations", "actions", "rewards",
+                                              "next_observations", "terminals", "timeouts")}
     t_start = time.perf_counter()
     bar = None
     if progress:
@@ -173,6 +180,11 @@ def rollout(model, make_env, episodes: int = 10, candidates: int = 1, steps: int
                 a = queues[j].popleft()
                 o, r, term, trunc, info = envs[j].step(a)
                 o = np.asarray(o, dtype=np.float32)
+                if record_transitions:
+                    for key, v in zip(trans, (paths[j][-1], np.asarray(a, dtype=np.float32),
+                                              float(r), o, bool(term),
+                                              bool(trunc and not term))):
+                        trans[key].append(v)
                 returns[ids[j]] += float(r)
                 tsteps[j] += 1
                 paths[j].append(o)
@@ -214,10 +226,14 @@ def rollout(model, make_env, episodes: int = 10, candidates: int = 1, steps: int
     if was_training:
         model.train()
     succ = None if all(s is None for s in success) else np.array([bool(s) for s in success])
+    extra = {}
+    if record_transitions:
+        extra["transitions"] = {k: np.asarray(v, dtype=bool if k in ("terminals", "timeouts")
+                                              else np.float32) for k, v in trans.items()}
     return RolloutResult(
         returns=returns, lengths=lengths, success=succ, trajectories=trajs,
         plan_states=plan_states, plan_actions=plan_actions, plan_valid=plan_valid,
         decision_states=np.concatenate(dec_states) if dec_states else np.zeros((0, 0)),
         decision_candidates=np.concatenate(dec_cands) if dec_cands else np.zeros((0, 0, 0)),
         entropy_samples=ent, decisions=n_dec, decision_seconds=dec_sec,
-        wall_seconds=time.perf_counter() - t_start, selection=sel_name)
+        wall_seconds=time.perf_counter() - t_start, selection=sel_name, extra=extra)

@@ -418,8 +418,8 @@ class IQLCritic(nn.Module):
                 pt.lerp_(p, tau)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the online Qs and V (the targets are excluded)."""
-        return [p for p in self.parameters() if p.requires_grad]
+        """Parameters of the online Qs and V (the targets are excluded), frozen or not."""
+        return [p for net in (self.q1, self.q2, self.v_net) for p in net.parameters()]
 
     # -- checkpoints
     def config_dict(self) -> dict[str, Any]:
