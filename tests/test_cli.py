@@ -46,3 +46,15 @@ def test_nav1d_optimum_json(capsys):
     assert main(["nav1d", "optimum", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["optimal_return"] > res["random_return"] > 0
+
+
+def test_align_bad_online_and_dpo_pair_values_exit_2(tmp_path, capsys):
+    for d in ("ref", "critic"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "config.json").write_text("{}")
+    base = ["align", str(tmp_path / "ref"), "--critic", str(tmp_path / "critic"),
+            "--out", str(tmp_path / "out")]
+    assert main([*base, "--online", "--online-every", "0"]) == 2
+    assert "online_every" in capsys.readouterr().err
+    assert main([*base, "--dpo-pairs", "bogus"]) == 2
+    assert not (tmp_path / "out").exists()

@@ -45,3 +45,14 @@ def test_run_nav1d_bad_method_names_it(tmp_path, capsys):
     assert main(["run", "nav1d", "--methods", "rl,ppo2", "--out", str(tmp_path / "x")]) == 2
     assert "ppo2" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_critic_warning_when_best_of_n_falls_below_one_sample():
+    from diffalign.commands.run import critic_warnings
+
+    ref = {"name": "reference", "normalized": 64.3, "candidates": 1}
+    worse = {"name": "reference@64", "normalized": 40.9, "candidates": 64}
+    better = {**worse, "normalized": 85.0}
+    assert critic_warnings(ref, better) == []
+    (w,) = critic_warnings(ref, worse)
+    assert w["kind"] == "warning" and "40.9%" in w["reason"] and "64.3%" in w["reason"]

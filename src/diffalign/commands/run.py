@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["PRESETS", "RunNav1DArgs", "run_nav1d"]
+__all__ = ["PRESETS", "RunNav1DArgs", "critic_warnings", "run_nav1d"]
 
 PRESETS: dict[str, dict] = {
     "quick": dict(data_episodes=200, foundation_steps=400, critic_steps=800, max_iters=4,
@@ -219,6 +219,9 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
     # best-of-N is N times dearer per decision: evaluated on fewer episodes
     run_eval(f"reference@{P['ref_candidates']}", model, P["ref_candidates"], foundation_s,
              n_episodes=min(episodes, P["ref_eval_episodes"]))
+    warnings = critic_warnings(stages[0], stages[1])
+    for w in warnings:
+        _log(f"warning: {w['reason']}")
 
     # 5. alignment sequence (+ cascade)
     seq = SequenceConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
@@ -272,7 +275,7 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
         "critic_greedy_normalized": ceiling["greedy_normalized"],
         "online": args.online, "dpo_pairs": args.dpo_pairs,
         "stages": stages,
-        "events": events,
+        "events": warnings + events,
         "alignment_seconds": align_train_s,
         "foundation_seconds": foundation_s,
         "alignment_fraction_of_foundation": align_train_s / max(foundation_s, 1e-9),
@@ -283,6 +286,20 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
     _log(f"report: {out / 'report.md'} (alignment took {align_train_s:.0f}s = "
          f"{report['alignment_fraction_of_foundation']:.2f}x foundation training)")
     return report
+
+
+def critic_warnings(reference: dict, best_of_n: dict) -> list[dict]:
+    """A warning event when ranking the reference's candidates by the critic LOWERS the return:
+    the critic then prefers worse actions, and aligning to it is expected to hurt (seen with
+    expert data, whose critic never saw other actions)."""
+    if best_of_n["normalized"] >= reference["normalized"]:
+        return []
+    return [{"kind": "warning", "stage": best_of_n["name"],
+             "reason": (f"the critic's best of {best_of_n['candidates']} scores "
+                        f"{best_of_n['normalized']:.1f}% of the optimum, below one reference "
+                        f"sample ({reference['normalized']:.1f}%): this critic ranks actions "
+                        "worse than chance, so alignment to it is expected to lower the "
+                        "return")}]
 
 
 def _fmt(v) -> str:
