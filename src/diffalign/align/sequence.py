@@ -158,7 +158,7 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
                 updates += 1
                 if online is not None and not online.done and updates % online.cfg.every == 0:
                     online_round(name)
-                    stage_best, stale = guard.best_reward, 0
+                    stage_best = guard.best_reward  # gains count from here, in new units
                 if stale >= seq.patience:
                     break
             guard.restore()  # end every stage on the best validated adapter
