@@ -306,3 +306,39 @@ def test_online_rounds_grow_the_buffer_train_the_critic_and_rebase(trained):
     with pytest.raises(ValueError, match="every"):
         OnlineConfig(every=0)
     _unwrap(trained, net)
+
+
+def test_align_online_saves_the_fine_tuned_critic(trained, tmp_path):
+    from diffalign.align.online import OnlineConfig
+    from diffalign.align.runner import AlignConfig, align
+    from diffalign.models.critic import CriticConfig, IQLCritic, train_critic
+
+    model, state, _, _, _ = trained
+    model.net.load_state_dict(state)
+    task = resolve_task("nav1d/full", episodes=200)
+    critic = train_critic(task.episodes, CriticConfig(steps=20, hidden=32, seed=0),
+                          progress=False)
+    offline = {k: v.clone() for k, v in critic.state_dict().items()}
+    cfg = AlignConfig(
+        sequence=SequenceConfig(methods=("rl",), passes=1, max_iters=2, eval_every=1,
+                                patience=5),
+        rl=RLConfig(states_per_iter=4), cascade=None, conditions=32, val_conditions=8,
+        steps=5, online=OnlineConfig(every=1, episodes=1, critic_steps=3))
+    meta = model.meta
+    model.meta = {**meta, "task": "nav1d/full"}  # the rounds' env comes from the model's task
+    try:
+        res = align(model, critic, task.episodes, cfg, out_dir=tmp_path, progress=False)
+    finally:
+        model.meta = meta
+    assert [e["round"] for e in res.events if e["kind"] == "online_round"] == [1, 2]
+    saved = IQLCritic.load(tmp_path / "critic_online")
+    assert all(torch.equal(saved.state_dict()[k], v) for k, v in critic.state_dict().items())
+    assert any(not torch.equal(offline[k], v) for k, v in critic.state_dict().items())
+    remove_lora(res.net)
+
+
+def test_dpo_config_rejects_bad_dataset_pair_settings():
+    with pytest.raises(ValueError, match="discount"):
+        DPOConfig(discount=1.5)
+    with pytest.raises(ValueError, match="max_windows=1"):
+        DPOConfig(max_windows=1)

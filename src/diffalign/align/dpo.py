@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.windows import episode_return_to_go
 from .common import AdapterMethod, expand_condition
 
 __all__ = ["DPOConfig", "DPOMethod", "dataset_pairs", "diffusion_dpo_loss", "dpo_loss",
@@ -109,17 +110,9 @@ class DPOConfig:
             raise ValueError(f"DPO needs candidates >= 2 to form pairs, got {self.candidates}")
         if self.beta <= 0 or self.lr <= 0:
             raise ValueError(f"need beta > 0 and lr > 0, got beta={self.beta}, lr={self.lr}")
-
-
-def _return_to_go(episodes, discount: float) -> np.ndarray:
-    """Discounted return-to-go of every dataset step, restarting at each episode's end."""
-    rtg = np.zeros(len(episodes.rewards))
-    for s, e in zip(episodes.starts, episodes.ends):
-        acc = 0.0
-        for i in range(e - 1, s - 1, -1):
-            acc = float(episodes.rewards[i]) + discount * acc
-            rtg[i] = acc
-    return rtg
+        if not 0 < self.discount <= 1 or self.max_windows < 2:
+            raise ValueError(f"need 0 < discount <= 1 and max_windows >= 2, got discount="
+                             f"{self.discount}, max_windows={self.max_windows}")
 
 
 @torch.no_grad()
@@ -145,7 +138,7 @@ def dataset_pairs(model, episodes, neighbours: int = 8, discount: float = 0.99,
     batch = ds.get_batch(idx)
     hist = batch["obs_history"]  # normalised
     first = hist[:, -1]
-    rtg = torch.as_tensor(_return_to_go(episodes, discount)[ds.indices[idx, 0]])
+    rtg = torch.as_tensor(episode_return_to_go(episodes, discount)[ds.indices[idx, 0]])
     k = min(neighbours, len(idx))
     nn_idx = torch.cat([torch.cdist(first[i:i + 4096], first).topk(k, largest=False).indices
                         for i in range(0, len(first), 4096)])  # (M, k)

@@ -81,7 +81,6 @@ class OnlineTuner:
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.critic_lr)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.rounds = 0
-        self.returns: list[float] = []
 
     @property
     def done(self) -> bool:
@@ -136,8 +135,7 @@ class OnlineTuner:
         visited = history_states(res.trajectories, setup.model.spec.obs_history)
         setup.states = torch.cat([setup.states, visited.to(setup.states.device)])
         self.rounds += 1
-        ret = float(res.returns.mean())
-        self.returns.append(ret)
-        return {"kind": "online_round", "round": self.rounds, "return_mean": ret,
+        return {"kind": "online_round", "round": self.rounds,
+                "return_mean": float(res.returns.mean()),
                 "transitions_added": added, "buffer": len(self.buffer["rewards"]),
                 "critic_loss": loss, "conditions": len(setup.states)}

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from diffalign.data.episodes import Episodes
 
-__all__ = ["WindowDataset", "make_windows", "window_indices"]
+__all__ = ["WindowDataset", "episode_return_to_go", "make_windows", "window_indices"]
 
 _FIELDS = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
 
@@ -79,6 +79,13 @@ def _discounted_rtg(rewards: np.ndarray, ends_mask: np.ndarray, discount: float)
         acc = float(rewards[i]) + discount * acc
         out[i] = acc
     return out
+
+
+def episode_return_to_go(episodes: Episodes, discount: float) -> np.ndarray:
+    """Discounted return-to-go of every step of ``episodes``, ``(N,)`` float64."""
+    ends_mask = np.zeros(episodes.num_steps, dtype=bool)
+    ends_mask[episodes.ends - 1] = True
+    return _discounted_rtg(episodes.rewards, ends_mask, float(discount))
 
 
 class WindowDataset(Dataset):
@@ -138,9 +145,7 @@ class WindowDataset(Dataset):
         self._obs = torch.from_numpy(np.ascontiguousarray(obs, dtype=np.float32))
         self._rtg = None
         if discount is not None:
-            ends_mask = np.zeros(episodes.num_steps, dtype=bool)
-            ends_mask[episodes.ends - 1] = True
-            rtg = _discounted_rtg(episodes.rewards, ends_mask, float(discount))
+            rtg = episode_return_to_go(episodes, discount)
             self._rtg = torch.from_numpy(rtg.astype(np.float32))
 
     def __len__(self) -> int:
