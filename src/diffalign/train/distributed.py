@@ -158,6 +158,9 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, args: tuple) ->
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, *args)
+        # every rank reaches here before any tears down: rank 0 hosts the store, and
+        # destroying it while a peer still talks to it aborts the process (SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
