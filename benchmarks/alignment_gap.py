@@ -1,0 +1,134 @@
+"""Where an aligned Nav1D model falls short of its critic: dataset states vs visited states.
+
+Given a finished ``diffalign run nav1d --out DIR`` (foundation, critic and ``align/adapter``),
+this rolls the aligned model out (one candidate per decision) and, on the states it visits
+and on held-out dataset states, compares its first action with the critic's argmax over a
+grid of actions and with the reference's best of N samples::
+
+    python benchmarks/alignment_gap.py runs/nav1d [--episodes 50] [--candidates 64]
+
+Per band of time steps it prints the mean Q of the aligned action, of the critic's argmax
+and of the reference's best-of-N and one sample; ``|a-a*|``, the distance of the aligned
+action from the argmax; and ``spread``, the std of the aligned model's first action over 8
+samples of one state. The alignment methods optimise the critic on dataset states; the
+return comes from the states the model visits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BANDS = 4
+
+
+def _first_actions(model, obs, n, gen, net=None):
+    with torch.no_grad():
+        x0 = model.sample(obs[:, None], n=n, generator=gen, net=net).x0
+        return model.actions_from_x(x0)[:, 0, 0].clamp(-1, 1).view(len(obs), n)
+
+
+def _state_stats(model, critic, anet, obs, gen, candidates, grid):
+    """Per-state rows: Q(aligned), max Q, Q(best-of-N ref), Q(one ref), |a-a*|, spread."""
+    n = len(obs)
+    with torch.no_grad():
+        a_al = _first_actions(model, obs, 8, gen, anet)
+        q_al = critic.q(obs, a_al[:, :1])
+        q_grid = critic.q(obs.repeat_interleave(len(grid), 0),
+                          grid.repeat(n)[:, None]).view(n, len(grid))
+        q_max, i_max = q_grid.max(1)
+        a_ref = _first_actions(model, obs, candidates, gen)
+        q_ref = critic.q(obs.repeat_interleave(candidates, 0),
+                         a_ref.reshape(-1, 1)).view(n, candidates)
+    return np.stack([q_al.numpy(), q_max.numpy(), q_ref.max(1).values.numpy(),
+                     q_ref[:, 0].numpy(), (a_al[:, 0] - grid[i_max]).abs().numpy(),
+                     a_al.std(1).numpy()], 1)
+
+
+def _print_table(title, rows, steps, horizon):
+    print(f"\n{title}")
+    print(f"{'steps':>8} {'states':>6} {'Q(aligned)':>10} {'max Q':>7} {'Q(best)':>8} "
+          f"{'Q(ref)':>7} {'capture':>7} {'|a-a*|':>7} {'spread':>7}")
+    width = horizon // BANDS
+    for b in range(BANDS):
+        m = (steps >= b * width) & (steps < (b + 1) * width)
+        if not m.any():
+            continue
+        r = rows[m].mean(0)
+        gap = r[1] - r[3]
+        capture = (r[0] - r[3]) / gap if gap > 1e-9 else float("nan")
+        print(f"{b * width:>3}-{(b + 1) * width - 1:<4} {int(m.sum()):>6} {r[0]:>10.3f} "
+              f"{r[1]:>7.3f} {r[2]:>8.3f} {r[3]:>7.3f} {capture:>7.2f} {r[4]:>7.3f} "
+              f"{r[5]:>7.3f}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path, help="output directory of `diffalign run nav1d`")
+    p.add_argument("--episodes", type=int, default=50)
+    p.add_argument("--candidates", type=int, default=64, help="N of the reference's best-of-N")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    from diffalign.align.common import condition_pool
+    from diffalign.align.lora import load_adapter
+    from diffalign.envs.nav1d import dynamics, nav1d_layout, reward
+    from diffalign.envs.nav1d_optimum import nav1d_optimum
+    from diffalign.models.base import ControlModel
+    from diffalign.models.critic import IQLCritic
+    from diffalign.tasks import resolve_task
+
+    for sub in ("foundation", "critic", "align/adapter"):
+        if not (args.run / sub).exists():
+            sys.exit(f"error: {args.run / sub} not found; run `diffalign run nav1d --out "
+                     f"{args.run}` first")
+    model = ControlModel.load(args.run / "foundation").eval()
+    critic = IQLCritic.load(args.run / "critic").eval()
+    if model.act_dim != 1 or model.spec.obs_history != 1:
+        sys.exit("error: this check is written for Nav1D models with one action dimension and "
+                 "an observation history of 1")
+    anet = copy.deepcopy(model.net)
+    load_adapter(anet, args.run / "align" / "adapter")
+    anet.eval()
+    meta = dict(model.meta)
+    layout = int(meta.get("layout_seed", 0))
+    horizon = int(meta.get("horizon", 32))
+    mu, sig = nav1d_layout(layout)
+    optimum = nav1d_optimum(layout)["optimal_return"]
+    grid = torch.linspace(-1, 1, 201)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    rng = np.random.default_rng(args.seed)
+    x = rng.uniform(-1, 1, args.episodes)
+    ret = np.zeros(args.episodes)
+    visited, visited_t = [], []
+    for t in range(horizon):
+        obs = torch.tensor(np.stack([x, np.full_like(x, t / horizon)], 1), dtype=torch.float32)
+        visited.append(_state_stats(model, critic, anet, obs, gen, args.candidates, grid))
+        visited_t.append(np.full(len(x), t))
+        a = _first_actions(model, obs, 1, gen, anet)[:, 0].numpy()
+        x_next = dynamics(x, a)
+        ret += reward(x_next, np.full(len(x), t), mu, sig)
+        x = x_next
+    print(f"aligned model, one candidate: {100 * ret.mean() / optimum:.1f}% of the optimum "
+          f"({args.episodes} episodes, layout {layout})")
+    _print_table("states the aligned model visits", np.concatenate(visited),
+                 np.concatenate(visited_t), horizon)
+
+    dataset = str(meta.get("dataset_kind", "full"))
+    task = resolve_task(f"nav1d/{dataset}", layout_seed=layout, episodes=1000, seed=0)
+    obs = condition_pool(task.episodes, 1, 512, seed=1)[:, -1]
+    rows = _state_stats(model, critic, anet, obs, gen, args.candidates, grid)
+    _print_table(f"held-out dataset states (nav1d/{dataset})", rows,
+                 np.rint(obs[:, 1].numpy() * horizon).astype(int), horizon)
+    print("\ncapture = (Q(aligned) - Q(ref)) / (max Q - Q(ref)): the share of the critic's "
+          "headroom the aligned model took")
+
+
+if __name__ == "__main__":
+    main()
