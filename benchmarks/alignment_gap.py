@@ -33,8 +33,12 @@ def _first_actions(model, obs, n, gen, net=None):
         return model.actions_from_x(x0)[:, 0, 0].clamp(-1, 1).view(len(obs), n)
 
 
-def _state_stats(model, critic, anet, obs, gen, candidates, grid):
+def _state_stats(model, critic, anet, obs, gen, candidates, grid, chunk=256):
     """Per-state rows: Q(aligned), max Q, Q(best-of-N ref), Q(one ref), |a-a*|, spread."""
+    if len(obs) > chunk:  # bounded memory: N candidates per state are sampled at once
+        return np.concatenate([_state_stats(model, critic, anet, obs[i:i + chunk], gen,
+                                            candidates, grid, chunk)
+                               for i in range(0, len(obs), chunk)])
     n = len(obs)
     with torch.no_grad():
         a_al = _first_actions(model, obs, 8, gen, anet)
@@ -75,10 +79,15 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
+    for name in ("episodes", "candidates"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+
     from diffalign.align.common import condition_pool
     from diffalign.align.lora import load_adapter
-    from diffalign.envs.nav1d import dynamics, nav1d_layout, reward
-    from diffalign.envs.nav1d_optimum import nav1d_optimum
+    from diffalign.align.online import history_states
+    from diffalign.eval.evaluate import task_env
+    from diffalign.eval.rollout import rollout
     from diffalign.models.base import ControlModel
     from diffalign.models.critic import IQLCritic
     from diffalign.tasks import resolve_task
@@ -98,27 +107,18 @@ def main(argv=None) -> None:
     meta = dict(model.meta)
     layout = int(meta.get("layout_seed", 0))
     horizon = int(meta.get("horizon", 32))
-    mu, sig = nav1d_layout(layout)
-    optimum = nav1d_optimum(layout)["optimal_return"]
     grid = torch.linspace(-1, 1, 201)
     gen = torch.Generator().manual_seed(args.seed)
 
-    rng = np.random.default_rng(args.seed)
-    x = rng.uniform(-1, 1, args.episodes)
-    ret = np.zeros(args.episodes)
-    visited, visited_t = [], []
-    for t in range(horizon):
-        obs = torch.tensor(np.stack([x, np.full_like(x, t / horizon)], 1), dtype=torch.float32)
-        visited.append(_state_stats(model, critic, anet, obs, gen, args.candidates, grid))
-        visited_t.append(np.full(len(x), t))
-        a = _first_actions(model, obs, 1, gen, anet)[:, 0].numpy()
-        x_next = dynamics(x, a)
-        ret += reward(x_next, np.full(len(x), t), mu, sig)
-        x = x_next
-    print(f"aligned model, one candidate: {100 * ret.mean() / optimum:.1f}% of the optimum "
-          f"({args.episodes} episodes, layout {layout})")
-    _print_table("states the aligned model visits", np.concatenate(visited),
-                 np.concatenate(visited_t), horizon)
+    make_env, _, optimum = task_env(meta)
+    res = rollout(model, make_env, episodes=args.episodes, candidates=1, seed=args.seed,
+                  net=anet, entropy_states=0)
+    print(f"aligned model, one candidate: {100 * float(res.returns.mean()) / optimum:.1f}% of "
+          f"the optimum ({args.episodes} episodes, layout {layout})")
+    visited = history_states(res.trajectories, 1)[:, -1]
+    _print_table("states the aligned model visits",
+                 _state_stats(model, critic, anet, visited, gen, args.candidates, grid),
+                 np.rint(visited[:, 1].numpy() * horizon).astype(int), horizon)
 
     dataset = str(meta.get("dataset_kind", "full"))
     task = resolve_task(f"nav1d/{dataset}", layout_seed=layout, episodes=1000, seed=0)

@@ -39,6 +39,28 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     assert main(args) == 0
     log = capsys.readouterr().out
     assert "foundation: loaded" in log and "critic: loaded" in log
+    # the alignment-gap benchmark reads the run: both tables, best-of-N never below its
+    # own first sample
+    gap = _load_benchmark("alignment_gap")
+    gap.main([str(out), "--episodes", "2", "--candidates", "4"])
+    text = capsys.readouterr().out
+    assert "of the optimum (2 episodes, layout 0)" in text
+    rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 8  # four bands of steps, visited and dataset states
+    for r in rows:
+        q_best, q_ref = float(r[4]), float(r[5])
+        assert q_best >= q_ref - 1e-4
+
+
+def _load_benchmark(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_run_nav1d_bad_method_names_it(tmp_path, capsys):
