@@ -266,7 +266,7 @@ def test_checkpoint_errors_name_the_path(tmp_path):
     ("expectile", 1.0), ("expectile", 0.0), ("gamma", 1.5), ("target_tau", 0.0),
     ("hidden", 0), ("depth", 0), ("steps", 0), ("batch_size", -1), ("lr", 0.0),
     ("reward_scale", 0.0), ("grad_clip", -1.0), ("seed", -1), ("fourier_features", -1),
-    ("fourier_scale", 0.0),
+    ("fourier_scale", 0.0), ("backup_actions", -1), ("backup_states", 0),
 ])
 def test_bad_critic_config_names_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -278,6 +278,54 @@ def test_bad_critic_config_names_field(field, value):
 def test_bad_agent_config_names_field(field, value):
     with pytest.raises(ValueError, match=field):
         IQLAgentConfig(**{field: value})
+
+
+def test_max_backup_target_is_the_max_over_batch_actions_by_hand():
+    c = _critic(backup_actions=3)
+    b = _batch(8)
+    obs, act = b["observations"], b["actions"]
+    with torch.no_grad():
+        got = c.max_q_target(obs, act)
+        want = torch.stack([c.q_target_min(obs, act[j].expand(8, 1)) for j in range(3)]).amax(0)
+    torch.testing.assert_close(got, want)
+    # K larger than the batch uses every row
+    big = _critic(backup_actions=50)
+    with torch.no_grad():
+        want8 = torch.stack([big.q_target_min(obs, act[j].expand(8, 1))
+                             for j in range(8)]).amax(0)
+        torch.testing.assert_close(big.max_q_target(obs, act), want8)
+
+
+def test_max_backup_value_loss_reaches_only_v():
+    c = _critic(backup_actions=4, backup_states=5)
+    out = c.loss(_batch(8))
+    out["loss_v"].backward()
+    assert all(g is not None for g in _grads(c.v_net))
+    assert all(g is None for g in _grads(c.q1) + _grads(c.q2) + _grads(c.q1_target))
+
+
+def _bandit(n: int = 2000, seed: int = 0) -> Episodes:
+    """One-step episodes, uniform random actions, reward −(a − 0.5)², so max_a Q = 0."""
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(-1, 1, (n, 1)).astype(np.float32)
+    obs = np.zeros((n, 2), np.float32)
+    obs[:, 0] = rng.uniform(-1, 1, n)
+    return Episodes.from_arrays(obs, a, -((a[:, 0] - 0.5) ** 2), terminals=np.ones(n),
+                                timeouts=np.zeros(n), next_observations=obs)
+
+
+def test_max_backup_values_the_best_action_where_the_expectile_does_not():
+    eps = _bandit()
+    kw = dict(hidden=64, depth=2, steps=400, batch_size=256, lr=3e-3, log_every=1000,
+              ckpt_every=0, device="cpu", gamma=0.0)
+    obs = torch.as_tensor(eps.observations[:200])
+    c_max = train_critic(eps, CriticConfig(backup_actions=32, **kw), progress=False)
+    c_iql = train_critic(eps, CriticConfig(expectile=0.7, **kw), progress=False)
+    with torch.no_grad():
+        v_max, v_iql = c_max.v(obs), c_iql.v(obs)
+    # max_a −(a − 0.5)² = 0; the 0.7-expectile over uniform actions is about −0.35
+    assert float(v_max.mean()) > -0.05, float(v_max.mean())
+    assert float(v_iql.mean()) < -0.2, float(v_iql.mean())
 
 
 # ------------------------------------------------------------------ data

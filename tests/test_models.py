@@ -263,3 +263,37 @@ def test_planner_reward_modes_by_hand():
     model.spec.reward_mode = "discounted"
     w = model.spec.discount ** torch.arange(q.shape[1], dtype=q.dtype)
     torch.testing.assert_close(model.reward(x, None, SumCritic()), (q * w).sum(1))
+
+
+@pytest.mark.parametrize("kind", ("diffuser", "dd"))
+def test_state_cond_planner_feeds_the_present_state_as_a_global_condition(kind, episodes,
+                                                                          tmp_path):
+    torch.manual_seed(0)
+    model = tiny_model(kind, "ddpm", state_cond=True,
+                       meta={"task": "nav1d/full", "layout_seed": 0})
+    plain = tiny_model(kind, "ddpm")
+    assert model.net.cond_dim == 2 and plain.net.cond_dim == 0
+    _train(model, episodes)
+    obs = torch.from_numpy(episodes.observations[[3, 50]])[:, None]
+    c = model.condition(obs)
+    # the condition is the normalised present state, the same values that are in-painted
+    torch.testing.assert_close(c.cond, model.norm("observations", obs).flatten(1))
+    torch.testing.assert_close(c.cond, c.inpaint.value[:, 0, :2])
+    # the denoiser's output depends on the condition, not only on the in-painted entries
+    x = torch.randn(2, *c.shape)
+    t = torch.full((2,), 0.5)
+    with torch.no_grad():
+        assert not torch.allclose(model.net(x, t, cond=c.cond), model.net(x, t, cond=-c.cond))
+    model.save(tmp_path / "m")
+    loaded = ControlModel.load(tmp_path / "m")
+    assert loaded.spec.state_cond
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(model.sample(obs, generator=g(), steps=3).x0,
+                       loaded.sample(obs, generator=g(), steps=3).x0)
+
+
+def test_state_cond_is_refused_for_non_planners(tmp_path):
+    from diffalign.commands.train import TrainArgs
+
+    with pytest.raises(ValueError, match="state_cond"):
+        TrainArgs(out=tmp_path / "x", model="dp", state_cond=True)

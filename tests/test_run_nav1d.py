@@ -34,6 +34,17 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     for png in ("returns.png", "reward_distribution.png", "trajectories.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "align" / "adapter" / "adapter_model.safetensors").exists()
+    # random-policy data: the planner sees the state as a condition, the critic backs up a max
+    found = json.loads((out / "foundation" / "config.json").read_text())
+    assert found["spec"]["state_cond"] is True
+    crit = json.loads((out / "critic" / "config.json").read_text())
+    assert crit["config"]["backup_actions"] == 32
+    # a stage that kept an earlier stage's adapter reuses that stage's evaluation
+    by_name = {s["name"]: s for s in report["stages"]}
+    for s in report["stages"]:
+        ev = json.loads((out / "eval" / s["name"] / "eval.json").read_text())
+        if "same_model_as" in ev:
+            assert s["return_mean"] == by_name[ev["same_model_as"]]["return_mean"]
     capsys.readouterr()
     # a second run finds everything on disk and only rewrites the report
     assert main(args) == 0
@@ -61,6 +72,25 @@ def _load_benchmark(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_adapter_fingerprint_follows_the_lora_weights_only():
+    import copy
+
+    import torch
+
+    from diffalign.align.lora import add_lora
+    from diffalign.commands.run import adapter_fingerprint
+
+    net = add_lora(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)), r=2)
+    twin = copy.deepcopy(net)
+    assert adapter_fingerprint(net) == adapter_fingerprint(twin)
+    with torch.no_grad():
+        next(p for n, p in twin.named_parameters() if "lora_" not in n).add_(1.0)
+    assert adapter_fingerprint(net) == adapter_fingerprint(twin)  # base weights: ignored
+    with torch.no_grad():
+        next(p for n, p in twin.named_parameters() if "lora_B" in n).add_(1e-3)
+    assert adapter_fingerprint(net) != adapter_fingerprint(twin)
 
 
 def test_run_nav1d_bad_method_names_it(tmp_path, capsys):

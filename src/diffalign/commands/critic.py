@@ -48,6 +48,9 @@ class CriticArgs:
     """Std of the Fourier frequencies."""
     expectile: float = _DEFAULTS.expectile
     """Expectile tau of the value regression."""
+    backup_actions: int = _DEFAULTS.backup_actions
+    """0 = IQL's expectile; K > 0 = V regresses onto max Q over K actions drawn from the
+    data (only for data that tried every action everywhere, e.g. a random policy)."""
     gamma: float = _DEFAULTS.gamma
     """Discount factor."""
     target_tau: float = _DEFAULTS.target_tau
@@ -80,7 +83,8 @@ class CriticArgs:
         return CriticConfig(
             steps=self.steps, batch_size=self.batch_size, lr=self.lr, hidden=self.hidden,
             depth=self.depth, fourier_features=self.fourier_features,
-            fourier_scale=self.fourier_scale, expectile=self.expectile, gamma=self.gamma,
+            fourier_scale=self.fourier_scale, expectile=self.expectile,
+            backup_actions=self.backup_actions, gamma=self.gamma,
             target_tau=self.target_tau, reward_scale=self.reward_scale,
             reward_bias=self.reward_bias, timeouts_as_terminals=self.timeouts_as_terminals,
             seed=self.seed, device=self.device)

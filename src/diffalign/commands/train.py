@@ -48,6 +48,9 @@ class TrainArgs:
     """Observation history T_o (dp) / in-painted context states (planners)."""
     action_horizon: int | None = None
     """Actions executed per decision T_a (dp)."""
+    state_cond: bool = False
+    """Planners (diffuser, dd): feed the present state to every block of the denoiser as a
+    global condition as well as in-painting it (`run nav1d` turns this on)."""
     steps: int | None = None
     """Optimiser steps (default 3000)."""
     batch_size: int = 64
@@ -69,6 +72,9 @@ class TrainArgs:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or v < 1):
                 raise ValueError(f"{name} must be >= 1, got {name}={v}")
+        if self.state_cond and self.model not in ("diffuser", "dd"):
+            raise ValueError(f"state_cond is for the planners (diffuser, dd), got "
+                             f"model={self.model!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got batch_size={self.batch_size}")
         if self.episodes < 1:
@@ -106,6 +112,8 @@ def train_model(args: TrainArgs):
                         download=args.download)
     overrides = {k: getattr(args, k) for k in ("horizon", "obs_history", "action_horizon")
                  if getattr(args, k) is not None}
+    if args.state_cond:
+        overrides["state_cond"] = True
     model = build_model(args.model, args.process, args.backbone, obs_dim=task.obs_dim,
                         act_dim=task.act_dim, meta=_task_meta(task, args), **overrides)
     dataset = model.make_dataset(task.episodes)

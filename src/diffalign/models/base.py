@@ -59,6 +59,11 @@ class ModelSpec:
     """Normaliser kind of observations and actions: "minmax" ([-1, 1]) or "gaussian"."""
     prefix_masks: bool = True
     """Planners: train with random causal prefix masks of known states (in-painting)."""
+    state_cond: bool = False
+    """Planners: also give the denoiser the ``obs_history`` context states as a global
+    condition (the backbone's FiLM path, as Diffusion Policy's observations), besides
+    in-painting them. In-painting alone reaches the plan's first action only through the
+    convolutions' receptive field; the condition gives every block the present state."""
     reward_mode: str = "first"
     """Planners' R(x0): "mean" Q along the plan, "discounted" sum, or "first": Q(s, a) of the
     executed step only (the current state is in-painted, so it cannot be hallucinated)."""

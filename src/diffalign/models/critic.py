@@ -111,6 +111,17 @@ class CriticConfig:
     """Standard deviation of the Fourier frequencies (cycles per unit of normalised input)."""
     expectile: float = 0.7
     """Expectile tau of the value regression (0.5 = mean, -> 1 = max over dataset actions)."""
+    backup_actions: int = 0
+    """0 = IQL: V(s) is the ``expectile`` of Q over the dataset's action at s. K > 0 = a max
+    backup: V(s) regresses (squared error) onto ``max Q̄(s, a)`` over the row's own action
+    and K actions drawn from the batch, i.e. from the data's own action marginal. Use it
+    only where the data covers the action space at every state (a random behaviour
+    policy): there it removes the expectile's downward bias, which compounds over a long
+    horizon; with narrow data (an expert) the max reaches actions the data never tried
+    at that state and over-estimates."""
+    backup_states: int = 64
+    """With ``backup_actions``: V trains on this many states of each batch (the max costs
+    ``backup_actions`` target evaluations per state)."""
     gamma: float = 0.99
     """Discount factor."""
     target_tau: float = 0.02
@@ -160,11 +171,12 @@ class CriticConfig:
                 raise ValueError(f"CriticConfig.{name} must be {what}, got "
                                  f"{name}={getattr(self, name)!r}")
 
-        for name in ("hidden", "depth", "steps", "batch_size", "log_every"):
+        for name in ("hidden", "depth", "steps", "batch_size", "log_every", "backup_states"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name,
                  "an integer >= 1")
-        for name in ("warmup_steps", "seed", "ckpt_every", "fourier_features"):
+        for name in ("warmup_steps", "seed", "ckpt_every", "fourier_features",
+                     "backup_actions"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name,
                  "an integer >= 0")
@@ -394,8 +406,14 @@ class IQLCritic(nn.Module):
         with torch.no_grad():
             q_t = self.q_target_min(obs, act)
             next_v = self.v(batch["next_observations"])
+            if self.cfg.backup_actions > 0:
+                m = min(self.cfg.backup_states, obs.shape[0])
+                v_target = torch.maximum(q_t[:m], self.max_q_target(obs[:m], act))
         v = self.v(obs)
-        loss_v = iql_value_loss(q_t, v, self.cfg.expectile)
+        if self.cfg.backup_actions > 0:
+            loss_v = (v_target - v[:m]).pow(2).mean()
+        else:
+            loss_v = iql_value_loss(q_t, v, self.cfg.expectile)
         q1, q2 = self.q1q2(obs, act)
         reward = self.scale_reward(batch["rewards"])
         done = batch["dones"]
@@ -408,6 +426,16 @@ class IQLCritic(nn.Module):
             "v_mean": v.detach().mean(),
             "adv_mean": (q_t - v.detach()).mean(),
         }
+
+    @torch.no_grad()
+    def max_q_target(self, obs: Tensor, act: Tensor) -> Tensor:
+        """``max_j Q̄(s_i, a_j)`` over the first ``backup_actions`` rows ``a_j`` of ``act`` (a
+        batch drawn at random from the data, so these are draws of its action marginal),
+        for every ``s_i``; shape ``(B,)``."""
+        b, k = obs.shape[0], min(self.cfg.backup_actions, act.shape[0])
+        pick = act[:k]
+        q = self.q_target_min(obs.repeat_interleave(k, 0), pick.repeat(b, 1))
+        return q.view(b, k).max(1).values
 
     @torch.no_grad()
     def update_target(self, tau: float | None = None) -> None:

@@ -38,8 +38,20 @@ class Planner(ControlModel):
     def window_keys(self) -> tuple[str, ...]:
         return ("observations", "actions")
 
+    @property
+    def cond_dim(self) -> int:
+        """Width of the global condition: the flattened context states, or 0."""
+        return self.spec.obs_history * self.obs_dim if self.spec.state_cond else 0
+
     def _build_net(self) -> nn.Module:
-        return _backbone(self.spec, x_dim=self.x_dim, horizon=self.spec.horizon)
+        return _backbone(self.spec, x_dim=self.x_dim, horizon=self.spec.horizon,
+                         cond_dim=self.cond_dim)
+
+    def _state_cond(self, x: Tensor) -> Tensor | None:
+        """The global condition of (normalised) plans ``x``: their context states."""
+        if not self.spec.state_cond:
+            return None
+        return x[:, : self.spec.obs_history, : self.obs_dim].flatten(1)
 
     def make_dataset(self, episodes):
         self._fit_normalizers(episodes)
@@ -56,12 +68,14 @@ class Planner(ControlModel):
 
     def _diffusion_loss(self, x0: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
         known = self._known(x0.shape[0], generator)
-        return self.process.loss(self.net, x0, known=known, generator=generator)
+        return self.process.loss(self.net, x0, cond=self._state_cond(x0), known=known,
+                                 generator=generator)
 
     def condition(self, obs_hist: Tensor) -> Cond:
         hist = self.norm("observations", self._check_hist(obs_hist))
         ip = prefix_inpaint(hist, self.spec.horizon, self.x_dim, slice(0, self.obs_dim))
-        return Cond(cond=None, inpaint=ip, shape=(self.spec.horizon, self.x_dim))
+        return Cond(cond=self._state_cond(ip.value), inpaint=ip,
+                    shape=(self.spec.horizon, self.x_dim))
 
     def plan_states(self, x: Tensor) -> Tensor:
         """RAW plan states ``(B, H, obs_dim)``."""
