@@ -297,3 +297,6 @@ def test_state_cond_is_refused_for_non_planners(tmp_path):
 
     with pytest.raises(ValueError, match="state_cond"):
         TrainArgs(out=tmp_path / "x", model="dp", state_cond=True)
+    with pytest.raises(ValueError, match="state_cond"):
+        build_model("dp", obs_dim=2, act_dim=1, state_cond=True)
+    assert not (tmp_path / "x").exists()

@@ -212,19 +212,19 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
         edir = out / "eval" / name
         cached = edir / "eval.json"
         key = adapter_fingerprint(m.net) if adapter else None
-        if not cached.exists() and key in evaluated:
+        if cached.exists():
+            res = json.loads(cached.read_text())
+        elif key in evaluated:
             # the stage kept the adapter of an earlier stage (no update beat it): same
             # model, same seed, same rollouts -- copy that evaluation instead of repeating it
             from ..atomic import write_json
 
             same = evaluated[key]
-            res = json.loads((same / "eval.json").read_text())
+            res = {**json.loads((same / "eval.json").read_text()), "same_model_as": same.name}
             if (same / "eval.png").exists():
                 edir.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(same / "eval.png", edir / "eval.png")
-            write_json(cached, {**res, "same_model_as": same.name})
-        if cached.exists():
-            res = json.loads(cached.read_text())
+            write_json(cached, res)
         else:
             res = evaluate(m, critic=critic, episodes=n_episodes or episodes,
                            candidates=candidates, out_dir=edir, seed=args.seed,

@@ -97,6 +97,9 @@ class ModelSpec:
                     f"kind={self.kind!r} needs horizon >= {need} for obs_history="
                     f"{self.obs_history} and action_horizon={self.action_horizon}, "
                     f"got horizon={self.horizon}")
+        if self.state_cond and self.kind not in ("diffuser", "dd"):
+            raise ValueError(f"state_cond is for the planners (diffuser, dd), got "
+                             f"kind={self.kind!r}")
         if self.normalizer not in ("minmax", "gaussian"):
             raise ValueError(f"normalizer must be 'minmax' or 'gaussian', got "
                              f"normalizer={self.normalizer!r}")
