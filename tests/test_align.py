@@ -73,7 +73,7 @@ def _unwrap(trained, net):
 
 
 @pytest.mark.parametrize("method", ["ppo", "reinforce", "qvpg", "qvpg_group", "dpo",
-                                    "dpo_dataset", "sft"])
+                                    "dpo_dataset", "sft", "sft_diffusion"])
 def test_each_method_raises_reward_over_reference(trained, method):
     setup, net = _setup(trained)
     base = {k: v.clone() for k, v in net.get_base_model().state_dict().items()
@@ -91,8 +91,9 @@ def test_each_method_raises_reward_over_reference(trained, method):
                                             beta=200.0, pair_source=source), g)
         iters = 12
     else:
+        loss = "diffusion" if method == "sft_diffusion" else "min_snr"
         m = SFTMethod(setup, net, SFTConfig(states_per_round=32, candidates=8, lr=3e-3,
-                                            epochs=6), g)
+                                            epochs=6, loss=loss), g)
         iters = 5
     for _ in range(iters):
         stats = m.step()
@@ -211,6 +212,26 @@ def test_cascade_starts_equal_to_reference_and_trains(trained):
     casc = CascadeModel(setup.model, net, ref)
     out = casc.sample(obs, n=2, generator=torch.Generator().manual_seed(0))
     assert out.x0.shape[0] == 8 and torch.isfinite(out.x0).all()
+    _unwrap(trained, net)
+
+
+def test_cascade_keeps_its_best_validated_refiner(trained):
+    from diffalign.align.cascade import cascade_validation
+
+    setup, net = _setup(trained)
+    hist: list[dict] = []
+    cfg = CascadeConfig(rounds=2, steps_per_round=3, states_per_round=8, lr=5e-2)
+    refiner = train_cascade(setup, net, cfg, progress=False, history=hist)
+    assert [h["round"] for h in hist] == [0, 1, 2]
+    best = max(h["val_reward"] for h in hist)
+    # the returned refiner is the best of the rounds, and never worse than round 0 (the
+    # untrained refiner, equal to the model it starts from)
+    assert cascade_validation(setup, net, refiner) == pytest.approx(best, abs=1e-5)
+    assert best >= hist[0]["val_reward"]
+    off = train_cascade(setup, net, CascadeConfig(rounds=1, steps_per_round=1,
+                                                  states_per_round=8, keep_best=False),
+                        progress=False, history=(h2 := []))
+    assert h2 == [] and off is not None
     _unwrap(trained, net)
 
 

@@ -300,3 +300,66 @@ def test_state_cond_is_refused_for_non_planners(tmp_path):
     with pytest.raises(ValueError, match="state_cond"):
         build_model("dp", obs_dim=2, act_dim=1, state_cond=True)
     assert not (tmp_path / "x").exists()
+
+
+def test_fourier_features_values():
+    from diffalign.nets.embeddings import fourier_features
+
+    x = torch.tensor([[0.5, -1.0]])
+    f = fourier_features(x, 2)
+    # [x | sin(kπx) for each column's k | cos(kπx) likewise], columns first then k
+    expect = torch.tensor([[0.5, -1.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0, -1.0, 1.0]])
+    torch.testing.assert_close(f, expect, atol=1e-6, rtol=0)
+    assert fourier_features(x, 0) is x
+    with pytest.raises(ValueError, match="n=-1"):
+        fourier_features(x, -1)
+
+
+@pytest.mark.parametrize("kind", ("diffuser", "dp"))
+def test_cond_fourier_widens_the_condition_and_round_trips(kind, episodes, tmp_path):
+    from diffalign.nets.embeddings import fourier_features
+
+    torch.manual_seed(0)
+    kw = {"state_cond": True} if kind != "dp" else {}
+    model = tiny_model(kind, "ddpm", cond_fourier=3, meta={"task": "nav1d/full"}, **kw)
+    t_o = model.spec.obs_history
+    assert model.net.cond_dim == t_o * 2 * 7
+    _train(model, episodes)
+    hist = torch.from_numpy(episodes.observations[[4, 5, 40, 41]]).view(2, 2, 2)[:, -t_o:]
+    c = model.condition(hist)
+    torch.testing.assert_close(c.cond, fourier_features(
+        model.norm("observations", hist).flatten(1), 3))
+    model.save(tmp_path / "m")
+    loaded = ControlModel.load(tmp_path / "m")
+    assert loaded.spec.cond_fourier == 3
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(model.sample(hist, generator=g(), steps=3).x0,
+                       loaded.sample(hist, generator=g(), steps=3).x0)
+
+
+def test_cond_fourier_needs_a_global_condition(tmp_path):
+    from diffalign.commands.train import TrainArgs
+
+    with pytest.raises(ValueError, match="cond_fourier=4 needs a global condition"):
+        build_model("diffuser", obs_dim=2, act_dim=1, cond_fourier=4)
+    with pytest.raises(ValueError, match="cond_fourier=-1"):
+        build_model("dp", obs_dim=2, act_dim=1, cond_fourier=-1)
+    with pytest.raises(ValueError, match="cond_fourier=4 needs a global condition"):
+        TrainArgs(out=tmp_path / "x", model="dd", cond_fourier=4)
+    with pytest.raises(ValueError, match="cond_fourier=-2"):
+        TrainArgs(out=tmp_path / "x", model="dp", cond_fourier=-2)
+    assert TrainArgs(out=tmp_path / "y", model="dd", state_cond=True, cond_fourier=4)
+    assert not (tmp_path / "x").exists()
+
+
+def test_executed_mask_marks_the_entries_that_decide_the_action():
+    d = tiny_model("diffuser", obs_history=2, horizon=8, state_cond=True)
+    m = d.executed_mask((5, 8, 3))
+    assert m.shape == (1, 8, 3) and m.sum() == 1 and m[0, 1, 2]  # a at row K-1, action dim
+    dd = tiny_model("dd", horizon=8)
+    m = dd.executed_mask((5, 8, 2))
+    assert m.sum() == 2 and m[0, 1].all()  # s_{t+1}, from which inverse dynamics acts
+    dp = tiny_model("dp")
+    m = dp.executed_mask((5, 4, 1))
+    assert m[0, :, 0].tolist() == [True] * dp.spec.action_horizon + \
+        [False] * (4 - dp.spec.action_horizon)

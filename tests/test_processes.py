@@ -388,3 +388,39 @@ def test_stochastic_variant_has_gaussian_transitions(name, make):
     assert (out.std > 0).all()
     lp = p.log_prob(net, x, out.prev, float(times[1]), float(times[2]))
     assert torch.isfinite(lp).all()
+
+
+@pytest.mark.parametrize("name,make", ALL)
+def test_min_snr_x0_loss_zero_for_the_exact_denoiser_and_capped_otherwise(name, make):
+    p = make()
+    x0 = torch.full((16, 4, 2), 0.3)
+    exact = p.min_snr_x0_loss(OracleGaussian(p, 0.3), x0,
+                              generator=torch.Generator().manual_seed(0))
+    assert exact["loss"].item() < 1e-8
+    # a denoiser that predicts x0 + 1 everywhere: the loss is the mean of min(SNR(t), γ)
+    off = p.min_snr_x0_loss(OracleGaussian(p, 1.3), x0, gamma=2.0,
+                            generator=torch.Generator().manual_seed(1))
+    t = p.sample_train_time(16, torch.Generator().manual_seed(1), x0)
+    want = p.snr(t).clamp(max=2.0)
+    torch.testing.assert_close(off["loss_per_sample"], want.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(off["loss"], want.float().mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_min_snr_x0_loss_excludes_known_and_zero_weight_entries():
+    p = DDPM()
+    x0 = torch.zeros(8, 4, 2)
+    known = torch.zeros(1, 4, 2, dtype=torch.bool)
+    known[:, 0] = True
+    weight = torch.ones(1, 4, 2)
+    weight[:, 3] = 0.0
+    bad = x0.clone()
+    bad[:, 0] = 1e3  # known: the net sees the clean value and the loss ignores it
+    bad[:, 3] = 1e3  # zero weight
+    net = OracleGaussian(p, 0.0)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = p.min_snr_x0_loss(net, x0, known=known, weight=weight, generator=g())
+    b = p.min_snr_x0_loss(net, bad, known=known, weight=weight, generator=g())
+    assert a["loss"].item() < 1e-8 and b["loss"].item() < 1e-8
+    assert p.min_snr_x0_loss(net, bad, generator=g())["loss"].item() > 1.0
+    with pytest.raises(ValueError, match="gamma=0"):
+        p.min_snr_x0_loss(net, x0, gamma=0)

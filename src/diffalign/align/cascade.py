@@ -29,7 +29,8 @@ from ..nets import build_backbone
 from ..processes import Inpaint
 from .common import AlignSetup, expand_condition
 
-__all__ = ["CascadeConfig", "CascadeModel", "build_refiner", "cascade_pairs", "train_cascade"]
+__all__ = ["CascadeConfig", "CascadeModel", "build_refiner", "cascade_pairs",
+           "cascade_validation", "train_cascade"]
 
 
 @dataclass
@@ -59,6 +60,11 @@ class CascadeConfig:
     """Weights the refiner starts from: the aligned model (reference + merged adapter) or the
     plain reference. Either way its ``x_lo`` input starts at zero, so at step 0 it equals
     that model."""
+    keep_best: bool = True
+    """Score the cascade on the validation states before training and after every round
+    (one sample per state, fixed seed) and keep the best refiner. Its step-0 refiner equals
+    the model it starts from, so the cascade then never validates below that model (on
+    Nav1D the last round's refiner lowered the return from 63.6% to 58.7%)."""
 
     def __post_init__(self):
         if self.branches < 2:
@@ -168,16 +174,45 @@ def cascade_pairs(setup: AlignSetup, net: nn.Module, cfg: CascadeConfig,
     return xs[ar, other], xs[ar, best], obs
 
 
+@torch.no_grad()
+def cascade_validation(setup: AlignSetup, net: nn.Module, refiner: nn.Module,
+                       seed: int = 1234) -> float:
+    """Mean R of one cascade sample per validation state (fixed seed), as
+    :func:`~diffalign.align.common.validation_reward` for the aligned model."""
+    model = setup.model
+    obs = setup.val_states.to(model.device)
+    x0 = CascadeModel(model, net, refiner).sample(
+        obs, generator=torch.Generator().manual_seed(seed), steps=setup.steps).x0
+    return float(setup.reward(x0, obs).mean())
+
+
 def train_cascade(setup: AlignSetup, net: nn.Module, cfg: CascadeConfig, seed: int = 0,
-                  progress: bool = True) -> nn.Module:
-    """Train a refiner on consistent pairs from the aligned ``net``; returns the refiner."""
+                  progress: bool = True, history: list | None = None) -> nn.Module:
+    """Train a refiner on consistent pairs from the aligned ``net``; returns the refiner
+    (with ``cfg.keep_best``, the best validated one). ``history`` (a list) receives
+    ``{"round", "val_reward"}`` per validation, round 0 being the untrained refiner."""
+    import copy
+
     from tqdm.auto import tqdm
 
     model = setup.model
     gen = torch.Generator().manual_seed(seed)
     refiner = build_refiner(model, net, warm_start=cfg.warm_start)
     opt = torch.optim.Adam(refiner.parameters(), lr=cfg.lr)
-    for _ in tqdm(range(cfg.rounds), desc="align/cascade", disable=not progress, leave=False):
+    best, best_state = -float("inf"), None
+
+    def validate(r: int) -> None:
+        nonlocal best, best_state
+        val = cascade_validation(setup, net, refiner.eval())
+        refiner.train()
+        if history is not None:
+            history.append({"round": r, "val_reward": val})
+        if val > best:
+            best, best_state = val, copy.deepcopy(refiner.state_dict())
+
+    if cfg.keep_best:
+        validate(0)
+    for r in tqdm(range(cfg.rounds), desc="align/cascade", disable=not progress, leave=False):
         x_lo, x_hi, obs = cascade_pairs(setup, net, cfg, gen)
         for _ in range(cfg.steps_per_round):
             idx = torch.randint(0, len(x_hi), (min(cfg.batch_size, len(x_hi)),), generator=gen)
@@ -189,6 +224,10 @@ def train_cascade(setup: AlignSetup, net: nn.Module, cfg: CascadeConfig, seed: i
             loss.backward()
             torch.nn.utils.clip_grad_norm_(refiner.parameters(), 1.0)
             opt.step()
+        if cfg.keep_best:
+            validate(r + 1)
+    if best_state is not None:
+        refiner.load_state_dict(best_state)
     return refiner.eval()
 
 

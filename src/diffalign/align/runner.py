@@ -76,6 +76,8 @@ class AlignResult:
     reference_reward: float
     cascade: CascadeModel | None = None
     cascade_wall_s: float = 0.0
+    cascade_history: list[dict] = field(default_factory=list)
+    """Validation reward of the cascade per round (round 0: before training)."""
 
 
 def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None = None,
@@ -115,7 +117,8 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
     refiner = None
     if cfg.cascade is not None:
         t0 = time.perf_counter()
-        refiner = train_cascade(setup, net, cfg.cascade, seed=cfg.seed, progress=progress)
+        refiner = train_cascade(setup, net, cfg.cascade, seed=cfg.seed, progress=progress,
+                                history=result.cascade_history)
         result.cascade_wall_s = time.perf_counter() - t0
         result.cascade = CascadeModel(model, net, refiner)
     if out_dir is not None:
@@ -130,6 +133,7 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
             "reference_val_reward": ref_reward,
             "stages": [{k: v for k, v in asdict(s).items() if k != "history"} for s in stages],
             "cascade_wall_s": result.cascade_wall_s,
+            "cascade_history": result.cascade_history,
             "events": events,
             "config": json.loads(json.dumps(asdict(cfg), default=str)),
         })

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import Tensor
 
 from .common import AdapterMethod, expand_condition, free_mask
 
@@ -39,6 +40,17 @@ class SFTConfig:
     likelihoods of all candidates of the round (0 disables the guard)."""
     likelihood_samples: int = 4
     """Noise draws of the likelihood proxy."""
+    loss: Literal["min_snr", "diffusion"] = "min_snr"
+    """"min_snr": the Min-SNR-γ weighted loss in x0 space
+    (:meth:`~diffalign.processes.base.DiffusionProcess.min_snr_x0_loss`); "diffusion": the
+    process's plain training loss. On Nav1D (Diffuser, regressing the first action onto the
+    critic's argmax) the plain ε loss reached 73% of the optimum, min-SNR 85%."""
+    min_snr_gamma: float = 1.0
+    """γ of the min-SNR weighting."""
+    plan_weight: float = 0.1
+    """Loss weight of the entries that do not decide the executed action (the rest of a
+    plan or chunk), relative to those that do (1 = all alike, 0 = the executed action only).
+    The critic scored the winner by its executed action; the rest is mostly noise."""
     epochs: int = 4
     """Gradient steps per round on its winners."""
     batch_size: int = 64
@@ -54,6 +66,12 @@ class SFTConfig:
         if not 0 <= self.likelihood_quantile < 1 or not 0 < self.quantile < 1:
             raise ValueError(f"quantiles must be in [0, 1): likelihood_quantile="
                              f"{self.likelihood_quantile}, quantile={self.quantile}")
+        if self.loss not in ("min_snr", "diffusion"):
+            raise ValueError(f"loss must be 'min_snr' or 'diffusion', got loss={self.loss!r}")
+        if self.min_snr_gamma <= 0 or not 0 <= self.plan_weight <= 1:
+            raise ValueError(f"need min_snr_gamma > 0 and plan_weight in [0, 1], got "
+                             f"min_snr_gamma={self.min_snr_gamma}, plan_weight="
+                             f"{self.plan_weight}")
         if self.lr <= 0 or self.epochs < 1:
             raise ValueError(f"need lr > 0 and epochs >= 1, got lr={self.lr}, "
                              f"epochs={self.epochs}")
@@ -93,6 +111,18 @@ class SFTMethod(AdapterMethod):
         stats["winners"] = int(keep.sum())
         return out.x0[keep], rows[keep], stats
 
+    def loss(self, x: Tensor, cond, known, shape) -> Tensor:
+        """The configured denoising loss of the adapter on winners ``x``."""
+        cfg, proc = self.cfg, self.model.process
+        if cfg.loss == "diffusion":
+            return proc.loss(self.net, x, cond=cond, known=known, generator=self.gen)["loss"]
+        weight = None
+        if cfg.plan_weight < 1:
+            executed = self.model.executed_mask(shape).to(x.device)
+            weight = torch.where(executed, 1.0, cfg.plan_weight).to(x.dtype)
+        return proc.min_snr_x0_loss(self.net, x, cond=cond, known=known, weight=weight,
+                                    gamma=cfg.min_snr_gamma, generator=self.gen)["loss"]
+
     def step(self) -> dict[str, float]:
         cfg = self.cfg
         x, obs, stats = self.winners()
@@ -103,8 +133,7 @@ class SFTMethod(AdapterMethod):
             idx = torch.randint(0, len(x), (min(cfg.batch_size, len(x)),), generator=self.gen)
             cond, inpaint, shape = expand_condition(self.model, obs[idx], 1)
             known = None if inpaint is None else inpaint.mask.expand(shape)
-            loss = self.model.process.loss(self.net, x[idx], cond=cond, known=known,
-                                           generator=self.gen)["loss"]
+            loss = self.loss(x[idx], cond, known, shape)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)

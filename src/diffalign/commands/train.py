@@ -51,6 +51,10 @@ class TrainArgs:
     state_cond: bool = False
     """Planners (diffuser, dd): feed the present state to every block of the denoiser as a
     global condition as well as in-painting it (`run nav1d` turns this on)."""
+    cond_fourier: int = 0
+    """Fourier frequencies of the global condition (dp's observations, or the planners'
+    state condition, which then needs --state-cond): each normalised value v also enters as
+    sin(kπv), cos(kπv), k = 1..F. 0 = raw values (`run nav1d` uses 16)."""
     steps: int | None = None
     """Optimiser steps (default 3000)."""
     batch_size: int = 64
@@ -75,6 +79,11 @@ class TrainArgs:
         if self.state_cond and self.model not in ("diffuser", "dd"):
             raise ValueError(f"state_cond is for the planners (diffuser, dd), got "
                              f"model={self.model!r}")
+        if self.cond_fourier < 0:
+            raise ValueError(f"cond_fourier must be >= 0, got cond_fourier={self.cond_fourier}")
+        if self.cond_fourier and not (self.model == "dp" or self.state_cond):
+            raise ValueError(f"cond_fourier={self.cond_fourier} needs a global condition: dp, "
+                             f"or a planner with --state-cond (got model={self.model!r})")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got batch_size={self.batch_size}")
         if self.episodes < 1:
@@ -114,6 +123,8 @@ def train_model(args: TrainArgs):
                  if getattr(args, k) is not None}
     if args.state_cond:
         overrides["state_cond"] = True
+    if args.cond_fourier:
+        overrides["cond_fourier"] = args.cond_fourier
     model = build_model(args.model, args.process, args.backbone, obs_dim=task.obs_dim,
                         act_dim=task.act_dim, meta=_task_meta(task, args), **overrides)
     dataset = model.make_dataset(task.episodes)

@@ -69,6 +69,13 @@ class DecisionDiffuser(Planner):
         a = self.inv_dyn(x[:, k : k + ta], x[:, k + 1 : k + 1 + ta])
         return self.unnorm("actions", a)
 
+    def executed_mask(self, shape: tuple[int, int, int]) -> Tensor:
+        """The next states the executed actions are inferred from: rows ``K .. K-1+T_a``."""
+        k = self.spec.obs_history
+        m = torch.zeros(1, *shape[-2:], dtype=torch.bool, device=self.device)
+        m[:, k : k + self.spec.action_horizon] = True
+        return m
+
     def plan_states_actions(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """RAW states ``(B, H, obs)`` and inverse-dynamics actions ``(B, H, act)`` (the last
         action repeats the one before it: a plan of H states has H - 1 transitions)."""

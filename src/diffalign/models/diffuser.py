@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..data.windows import make_windows
 from ..nets import build_backbone
+from ..nets.embeddings import fourier_features
 from ..processes.inpainting import prefix_inpaint, random_prefix_mask
 from .base import Cond, ControlModel
 
@@ -41,7 +42,9 @@ class Planner(ControlModel):
     @property
     def cond_dim(self) -> int:
         """Width of the global condition: the flattened context states, or 0."""
-        return self.spec.obs_history * self.obs_dim if self.spec.state_cond else 0
+        if not self.spec.state_cond:
+            return 0
+        return self.spec.obs_history * self.obs_dim * (1 + 2 * self.spec.cond_fourier)
 
     def _build_net(self) -> nn.Module:
         return _backbone(self.spec, x_dim=self.x_dim, horizon=self.spec.horizon,
@@ -51,7 +54,8 @@ class Planner(ControlModel):
         """The global condition of (normalised) plans ``x``: their context states."""
         if not self.spec.state_cond:
             return None
-        return x[:, : self.spec.obs_history, : self.obs_dim].flatten(1)
+        return fourier_features(x[:, : self.spec.obs_history, : self.obs_dim].flatten(1),
+                                self.spec.cond_fourier)
 
     def make_dataset(self, episodes):
         self._fit_normalizers(episodes)
@@ -119,6 +123,13 @@ class Diffuser(Planner):
 
     def plan_states_actions(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.plan_states(x), self.unnorm("actions", x[..., self.obs_dim :])
+
+    def executed_mask(self, shape: tuple[int, int, int]) -> Tensor:
+        """The executed actions' entries: rows ``K-1 .. K-2+T_a``, action dims."""
+        k = self.spec.obs_history - 1
+        m = torch.zeros(1, *shape[-2:], dtype=torch.bool, device=self.device)
+        m[:, k : k + self.spec.action_horizon, self.obs_dim :] = True
+        return m
 
 
 def _backbone(spec, x_dim: int, horizon: int, cond_dim: int = 0) -> nn.Module:

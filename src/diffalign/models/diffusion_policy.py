@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.windows import make_windows
+from ..nets.embeddings import fourier_features
 from .base import Cond, ControlModel
 from .diffuser import _backbone
 
@@ -27,7 +28,7 @@ class DiffusionPolicy(ControlModel):
 
     @property
     def cond_dim(self) -> int:
-        return self.spec.obs_history * self.obs_dim
+        return self.spec.obs_history * self.obs_dim * (1 + 2 * self.spec.cond_fourier)
 
     def _build_net(self) -> nn.Module:
         return _backbone(self.spec, x_dim=self.act_dim, horizon=self.spec.horizon,
@@ -41,18 +42,25 @@ class DiffusionPolicy(ControlModel):
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None
              ) -> dict[str, Tensor]:
         batch = self._batch_to_device(batch)
-        cond = batch["obs_history"].flatten(1)
+        cond = fourier_features(batch["obs_history"].flatten(1), self.spec.cond_fourier)
         out = self.process.loss(self.net, batch["x"], cond=cond, mask=batch["mask"][..., None],
                                 generator=generator)
         return {"loss": out["loss"]}
 
     def condition(self, obs_hist: Tensor) -> Cond:
         hist = self.norm("observations", self._check_hist(obs_hist))
-        return Cond(cond=hist.flatten(1), inpaint=None, shape=(self.spec.horizon, self.act_dim))
+        cond = fourier_features(hist.flatten(1), self.spec.cond_fourier)
+        return Cond(cond=cond, inpaint=None, shape=(self.spec.horizon, self.act_dim))
 
     def actions_from_x(self, x: Tensor, obs_hist: Tensor | None = None) -> Tensor:
         """RAW actions ``(B, T_a, act_dim)``: the first T_a of the chunk."""
         return self.unnorm("actions", x[:, : self.spec.action_horizon])
+
+    def executed_mask(self, shape: tuple[int, int, int]) -> Tensor:
+        """The first ``T_a`` actions of the chunk."""
+        m = torch.zeros(1, *shape[-2:], dtype=torch.bool, device=self.device)
+        m[:, : self.spec.action_horizon] = True
+        return m
 
     def plan_states_actions(self, x: Tensor) -> tuple[None, None]:
         return None, None

@@ -60,6 +60,23 @@ def _activation(name: str) -> nn.Module:
     return acts[name]()
 
 
+def fourier_features(x: Tensor, n: int) -> Tensor:
+    """``[x, sin(kπx), cos(kπx)]`` for ``k = 1..n`` per column: ``(B, d) -> (B, d·(1 + 2n))``.
+
+    For inputs normalised to about [-1, 1]. A plain MLP of a scalar input is smooth in it
+    (spectral bias); these features let the condition MLP tell nearby values apart, e.g. the
+    32 time steps of Nav1D, whose rewards are independent from one step to the next.
+    ``n = 0`` returns ``x`` unchanged.
+    """
+    if n < 0:
+        raise ValueError(f"the number of Fourier frequencies must be >= 0, got n={n}")
+    if n == 0:
+        return x
+    k = torch.arange(1, n + 1, device=x.device, dtype=x.dtype) * math.pi
+    a = (x.unsqueeze(-1) * k).flatten(1)
+    return torch.cat([x, torch.sin(a), torch.cos(a)], 1)
+
+
 class ConditionEmbedding(nn.Module):
     """Embeds diffusion time ``t`` (and an optional global condition) into one vector.
 

@@ -231,6 +231,34 @@ class DiffusionProcess(ABC):
         loss, per = masked_mean(err, mask)
         return {"loss": loss, "loss_per_sample": per}
 
+    def min_snr_x0_loss(self, net, x0: Tensor, cond: Tensor | None = None,
+                        known: Tensor | None = None, weight: Tensor | None = None,
+                        gamma: float = 1.0, generator: torch.Generator | None = None
+                        ) -> dict[str, Tensor]:
+        """Min-SNR-γ weighted denoising loss (Hang et al. 2023), written in x0 space.
+
+        ``mean(w · min(SNR(t), γ) · (x̂0(x_t) − x0)²)`` over the free entries, with ``x̂0``
+        the process's clean-sample prediction, so it means the same for every process. The
+        plain ε loss is ``SNR · (x̂0 − x0)²``: it spends its weight on the low-noise steps that
+        polish details; capping the weight at γ moves it to the noisy steps where a sample's
+        mode is chosen. ``known`` entries are in-painted and excluded; ``weight`` (broadcast
+        to ``x0``) weighs entries, e.g. the executed action.
+        """
+        if gamma <= 0:
+            raise ValueError(f"gamma must be > 0, got gamma={gamma}")
+        b = x0.shape[0]
+        t = self.sample_train_time(b, generator, x0)
+        xt = self.add_noise(x0, t, _randn(x0.shape, generator, x0))
+        w = torch.ones_like(x0) if weight is None else weight.to(x0).expand_as(x0)
+        if known is not None:
+            known = known.expand_as(x0)
+            xt = torch.where(known, x0, xt)
+            w = w * (~known).to(x0)
+        snr_w = self.snr(t).to(x0).clamp(max=gamma).view(-1, 1, 1)
+        err = snr_w * w * (self.predict_x0(net, xt, t, cond=cond) - x0) ** 2
+        per = err.flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-12)
+        return {"loss": err.sum() / w.sum().clamp_min(1e-12), "loss_per_sample": per}
+
     def likelihood(self, net, x0: Tensor, cond: Tensor | None = None,
                    extra: Tensor | None = None, n_samples: int = 8,
                    generator: torch.Generator | None = None,
