@@ -18,6 +18,7 @@ pass is known to be unstable: a warning is given.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from ..nets import build_backbone
 from ..processes import Inpaint
-from .common import AlignSetup, expand_condition
+from .common import AlignSetup, expand_condition, validation_reward
 
 __all__ = ["CascadeConfig", "CascadeModel", "build_refiner", "cascade_pairs",
            "cascade_validation", "train_cascade"]
@@ -174,16 +175,11 @@ def cascade_pairs(setup: AlignSetup, net: nn.Module, cfg: CascadeConfig,
     return xs[ar, other], xs[ar, best], obs
 
 
-@torch.no_grad()
-def cascade_validation(setup: AlignSetup, net: nn.Module, refiner: nn.Module,
-                       seed: int = 1234) -> float:
-    """Mean R of one cascade sample per validation state (fixed seed), as
-    :func:`~diffalign.align.common.validation_reward` for the aligned model."""
-    model = setup.model
-    obs = setup.val_states.to(model.device)
-    x0 = CascadeModel(model, net, refiner).sample(
-        obs, generator=torch.Generator().manual_seed(seed), steps=setup.steps).x0
-    return float(setup.reward(x0, obs).mean())
+def cascade_validation(setup: AlignSetup, net: nn.Module, refiner: nn.Module) -> float:
+    """:func:`~diffalign.align.common.validation_reward` of the cascade (the aligned ``net``
+    followed by ``refiner``): mean R of one sample per validation state, fixed seed."""
+    casc = CascadeModel(setup.model, net, refiner)
+    return validation_reward(dataclasses.replace(setup, model=casc))[0]
 
 
 def train_cascade(setup: AlignSetup, net: nn.Module, cfg: CascadeConfig, seed: int = 0,
