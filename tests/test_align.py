@@ -363,3 +363,20 @@ def test_dpo_config_rejects_bad_dataset_pair_settings():
         DPOConfig(discount=1.5)
     with pytest.raises(ValueError, match="max_windows=1"):
         DPOConfig(max_windows=1)
+
+
+def test_a_methods_max_updates_caps_its_stage_below_the_sequence(trained):
+    setup, net = _setup(trained)
+    seq = SequenceConfig(methods=("rl", "sft"), passes=1, max_iters=6, eval_every=2,
+                         patience=100)
+    cfgs = {"rl": RLConfig(states_per_iter=8, group_size=4),
+            "sft": SFTConfig(states_per_round=8, candidates=4, epochs=1, max_updates=2)}
+    stages, _, _ = run_sequence(setup, net, seq, cfgs, progress=False)
+    assert [(s.name, s.iterations) for s in stages] == [("rl", 6), ("sft", 2)]
+    _unwrap(trained, net)
+
+
+@pytest.mark.parametrize("cfg", [RLConfig, DPOConfig, SFTConfig])
+def test_max_updates_below_one_is_refused(cfg):
+    with pytest.raises(ValueError, match="max_updates=0"):
+        cfg(max_updates=0)

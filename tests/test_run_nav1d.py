@@ -108,3 +108,25 @@ def test_critic_warning_when_best_of_n_falls_below_one_sample():
     assert critic_warnings(ref, better) == []
     (w,) = critic_warnings(ref, worse)
     assert w["kind"] == "warning" and "40.9%" in w["reason"] and "64.3%" in w["reason"]
+
+
+def test_run_nav1d_trains_dp_executing_one_action(tmp_path, monkeypatch):
+    # the critic ranks a sample by its first action: a DP must execute only that one
+    import diffalign.commands.train as train_cmd
+    from diffalign.commands.run import RunNav1DArgs, run_nav1d
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_train(targs):
+        seen["targs"] = targs
+        raise Stop
+
+    monkeypatch.setattr(train_cmd, "train_model", fake_train)
+    with pytest.raises(Stop):
+        run_nav1d(RunNav1DArgs(out=tmp_path / "run", model="dp", preset="quick",
+                               progress=False))
+    assert seen["targs"].model == "dp" and seen["targs"].action_horizon == 1
+    assert seen["targs"].state_cond is False and seen["targs"].cond_fourier > 0

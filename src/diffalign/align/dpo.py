@@ -104,8 +104,14 @@ class DPOConfig:
     """Adapter learning rate."""
     max_grad_norm: float = 1.0
     """Gradient clipping."""
+    max_updates: int | None = None
+    """Cap on this method's updates in one pass of the sequence (None: the sequence's
+    ``max_iters``)."""
 
     def __post_init__(self):
+        if self.max_updates is not None and self.max_updates < 1:
+            raise ValueError(f"max_updates must be >= 1 or None, got max_updates="
+                             f"{self.max_updates}")
         if self.candidates < 2:
             raise ValueError(f"DPO needs candidates >= 2 to form pairs, got {self.candidates}")
         if self.beta <= 0 or self.lr <= 0:

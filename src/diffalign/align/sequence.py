@@ -42,7 +42,8 @@ class SequenceConfig:
     passes: int = 2
     """Maximum passes over the methods."""
     max_iters: int = 40
-    """Maximum updates of one method in one pass."""
+    """Maximum updates of one method in one pass (a method's own ``max_updates`` overrides
+    it)."""
     eval_every: int = 4
     """Updates between validation evaluations."""
     patience: int = 3
@@ -132,8 +133,8 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
             t0 = time.perf_counter()
             stage_best = guard.best_reward
             stale, history, it = 0, [], 0
-            bar = tqdm(range(seq.max_iters), desc=f"align/{name}", disable=not progress,
-                       leave=False)
+            bar = tqdm(range(method.cfg.max_updates or seq.max_iters), desc=f"align/{name}",
+                       disable=not progress, leave=False)
             for it in bar:
                 stats = method.step()
                 reason = guard.loss_spiked(float(stats.get("loss", 0.0)))

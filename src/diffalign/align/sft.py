@@ -59,8 +59,14 @@ class SFTConfig:
     """Adapter learning rate."""
     max_grad_norm: float = 1.0
     """Gradient clipping."""
+    max_updates: int | None = None
+    """Cap on this method's updates in one pass of the sequence (None: the sequence's
+    ``max_iters``)."""
 
     def __post_init__(self):
+        if self.max_updates is not None and self.max_updates < 1:
+            raise ValueError(f"max_updates must be >= 1 or None, got max_updates="
+                             f"{self.max_updates}")
         if not 1 <= self.top_k <= self.candidates:
             raise ValueError(f"top_k={self.top_k} must be in [1, candidates={self.candidates}]")
         if not 0 <= self.likelihood_quantile < 1 or not 0 < self.quantile < 1:
