@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..processes import Inpaint
 
-__all__ = ["AdapterMethod", "AlignSetup", "condition_pool", "diversity_bonus",
+__all__ = ["AdapterMethod", "AlignSetup", "MethodConfig", "condition_pool", "diversity_bonus",
            "expand_condition", "fraction_below", "freeze", "outside_support",
            "reference_likelihood", "reward_spread", "support_floor", "validation_draw",
            "validation_reward"]
@@ -63,6 +63,20 @@ def diversity_bonus(x0: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
     d = torch.cdist(g, g)  # (G, n, n)
     mean_d = d.sum(-1) / (group_size - 1)
     return torch.log(mean_d + eps).reshape(-1)
+
+
+@dataclass
+class MethodConfig:
+    """What every alignment method's config has."""
+
+    max_updates: int | None = None
+    """Cap on this method's updates in one pass of the sequence (None: the sequence's
+    ``max_iters``)."""
+
+    def __post_init__(self):
+        if self.max_updates is not None and self.max_updates < 1:
+            raise ValueError(f"max_updates must be >= 1 or None, got max_updates="
+                             f"{self.max_updates}")
 
 
 class AdapterMethod:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.windows import episode_return_to_go
-from .common import AdapterMethod, expand_condition
+from .common import AdapterMethod, MethodConfig, expand_condition
 
 __all__ = ["DPOConfig", "DPOMethod", "dataset_pairs", "diffusion_dpo_loss", "dpo_loss",
            "snr_weight"]
@@ -78,7 +78,7 @@ def diffusion_dpo_loss(process, net, ref_net, x_w: Tensor, x_l: Tensor, beta: fl
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(MethodConfig):
     """Diffusion-DPO fine-tuning on preference pairs ranked by the critic."""
 
     beta: float = 500.0
@@ -104,14 +104,9 @@ class DPOConfig:
     """Adapter learning rate."""
     max_grad_norm: float = 1.0
     """Gradient clipping."""
-    max_updates: int | None = None
-    """Cap on this method's updates in one pass of the sequence (None: the sequence's
-    ``max_iters``)."""
 
     def __post_init__(self):
-        if self.max_updates is not None and self.max_updates < 1:
-            raise ValueError(f"max_updates must be >= 1 or None, got max_updates="
-                             f"{self.max_updates}")
+        super().__post_init__()
         if self.candidates < 2:
             raise ValueError(f"DPO needs candidates >= 2 to form pairs, got {self.candidates}")
         if self.beta <= 0 or self.lr <= 0:

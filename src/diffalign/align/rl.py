@@ -14,7 +14,14 @@ import torch
 from torch import Tensor
 
 from ..processes.base import gaussian_log_prob
-from .common import AdapterMethod, AlignSetup, diversity_bonus, expand_condition, free_mask
+from .common import (
+    AdapterMethod,
+    AlignSetup,
+    MethodConfig,
+    diversity_bonus,
+    expand_condition,
+    free_mask,
+)
 from .lora import reference
 
 __all__ = ["RLConfig", "RLMethod", "credit_decreasing", "credit_retrospective",
@@ -130,7 +137,7 @@ def credit_retrospective(x0_preds: Tensor, x0: Tensor, temperature: float = 1.0,
 
 
 @dataclass
-class RLConfig:
+class RLConfig(MethodConfig):
     """RL fine-tuning over the denoising chain."""
 
     algo: Literal["ppo", "reinforce", "qvpg"] = "qvpg"
@@ -166,14 +173,9 @@ class RLConfig:
     """Weight of the diversity (entropy surrogate) bonus; 0 disables it."""
     max_grad_norm: float = 1.0
     """Gradient clipping of the adapter."""
-    max_updates: int | None = None
-    """Cap on this method's updates in one pass of the sequence (None: the sequence's
-    ``max_iters``)."""
 
     def __post_init__(self):
-        if self.max_updates is not None and self.max_updates < 1:
-            raise ValueError(f"max_updates must be >= 1 or None, got max_updates="
-                             f"{self.max_updates}")
+        super().__post_init__()
         if self.group_size < 1 or self.states_per_iter < 1:
             raise ValueError(f"group_size={self.group_size} and states_per_iter="
                              f"{self.states_per_iter} must be >= 1")

@@ -14,13 +14,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .common import AdapterMethod, expand_condition, free_mask
+from .common import AdapterMethod, MethodConfig, expand_condition, free_mask
 
 __all__ = ["SFTConfig", "SFTMethod"]
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(MethodConfig):
     """Filtered supervised fine-tuning."""
 
     states_per_round: int = 64
@@ -59,14 +59,9 @@ class SFTConfig:
     """Adapter learning rate."""
     max_grad_norm: float = 1.0
     """Gradient clipping."""
-    max_updates: int | None = None
-    """Cap on this method's updates in one pass of the sequence (None: the sequence's
-    ``max_iters``)."""
 
     def __post_init__(self):
-        if self.max_updates is not None and self.max_updates < 1:
-            raise ValueError(f"max_updates must be >= 1 or None, got max_updates="
-                             f"{self.max_updates}")
+        super().__post_init__()
         if not 1 <= self.top_k <= self.candidates:
             raise ValueError(f"top_k={self.top_k} must be in [1, candidates={self.candidates}]")
         if not 0 <= self.likelihood_quantile < 1 or not 0 < self.quantile < 1:

@@ -42,7 +42,7 @@ PRESETS: dict[str, dict] = {
 """Sizes of the run: quick (CI, about a minute), default (under 10 minutes on 2 CPU cores),
 paper. ``max_iters`` caps every method's updates per pass; ``dpo_updates`` and
 ``sft_rounds`` (where given) cap DPO and SFT lower, to keep the default job under 10
-minutes: in the session-7 default run (11.8 minutes) DPO never beat the plateau threshold in
+minutes: in a default run without these caps (11.8 minutes) DPO never beat the plateau threshold in
 its 40 updates and lowered the return (rl 75.8% -> dpo 71.1% of the optimum), and SFT's last
 validated gain came at round 44 of 84 (sft 75.3%)."""
 
@@ -277,12 +277,11 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
                          eval_every=P["eval_every"], patience=P["patience"])
     acfg = AlignConfig(sequence=seq, conditions=P["conditions"],
                        val_conditions=P["val_conditions"], seed=args.seed)
-    acfg.dpo = replace(acfg.dpo, max_updates=P.get("dpo_updates"))
+    acfg.dpo = replace(acfg.dpo, max_updates=P.get("dpo_updates"), pair_source=args.dpo_pairs)
     acfg.sft = replace(acfg.sft, max_updates=P.get("sft_rounds"))
     if covered:  # the critic rates every action from data: no support to leave
         acfg.sequence = replace(seq, guard=replace(seq.guard, support_frac=1.0))
         acfg.sft = replace(acfg.sft, likelihood_quantile=0.0)
-    acfg.dpo = replace(acfg.dpo, pair_source=args.dpo_pairs)
     if args.online:
         from ..align.online import OnlineConfig
 

@@ -203,6 +203,13 @@ class ControlModel(nn.Module):
         """Bool ``(1, H, D)``: the entries of a sample that decide the executed actions."""
         raise NotImplementedError
 
+    def _entry_mask(self, shape: tuple[int, int, int], rows: slice,
+                    dims: slice = slice(None)) -> Tensor:
+        """Bool ``(1, H, D)`` that is True on ``[rows, dims]`` of a sample of ``shape``."""
+        m = torch.zeros(1, *shape[-2:], dtype=torch.bool, device=self.device)
+        m[:, rows, dims] = True
+        return m
+
     def reward(self, x: Tensor, obs_hist: Tensor, critic) -> Tensor:
         raise NotImplementedError
 

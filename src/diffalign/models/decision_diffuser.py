@@ -72,9 +72,7 @@ class DecisionDiffuser(Planner):
     def executed_mask(self, shape: tuple[int, int, int]) -> Tensor:
         """The next states the executed actions are inferred from: rows ``K .. K-1+T_a``."""
         k = self.spec.obs_history
-        m = torch.zeros(1, *shape[-2:], dtype=torch.bool, device=self.device)
-        m[:, k : k + self.spec.action_horizon] = True
-        return m
+        return self._entry_mask(shape, slice(k, k + self.spec.action_horizon))
 
     def plan_states_actions(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """RAW states ``(B, H, obs)`` and inverse-dynamics actions ``(B, H, act)`` (the last

@@ -127,9 +127,8 @@ class Diffuser(Planner):
     def executed_mask(self, shape: tuple[int, int, int]) -> Tensor:
         """The executed actions' entries: rows ``K-1 .. K-2+T_a``, action dims."""
         k = self.spec.obs_history - 1
-        m = torch.zeros(1, *shape[-2:], dtype=torch.bool, device=self.device)
-        m[:, k : k + self.spec.action_horizon, self.obs_dim :] = True
-        return m
+        return self._entry_mask(shape, slice(k, k + self.spec.action_horizon),
+                                slice(self.obs_dim, None))
 
 
 def _backbone(spec, x_dim: int, horizon: int, cond_dim: int = 0) -> nn.Module:

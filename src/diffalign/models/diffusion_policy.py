@@ -58,9 +58,7 @@ class DiffusionPolicy(ControlModel):
 
     def executed_mask(self, shape: tuple[int, int, int]) -> Tensor:
         """The first ``T_a`` actions of the chunk."""
-        m = torch.zeros(1, *shape[-2:], dtype=torch.bool, device=self.device)
-        m[:, : self.spec.action_horizon] = True
-        return m
+        return self._entry_mask(shape, slice(0, self.spec.action_horizon))
 
     def plan_states_actions(self, x: Tensor) -> tuple[None, None]:
         return None, None
