@@ -73,7 +73,7 @@ def _unwrap(trained, net):
 
 
 @pytest.mark.parametrize("method", ["ppo", "reinforce", "qvpg", "qvpg_group", "dpo",
-                                    "dpo_dataset", "sft", "sft_diffusion"])
+                                    "dpo_dataset", "sft", "sft_diffusion", "sft_search"])
 def test_each_method_raises_reward_over_reference(trained, method):
     setup, net = _setup(trained)
     base = {k: v.clone() for k, v in net.get_base_model().state_dict().items()
@@ -92,8 +92,9 @@ def test_each_method_raises_reward_over_reference(trained, method):
         iters = 12
     else:
         loss = "diffusion" if method == "sft_diffusion" else "min_snr"
+        search = dict(action_proposals=21, replay=96) if method == "sft_search" else {}
         m = SFTMethod(setup, net, SFTConfig(states_per_round=32, candidates=8, lr=3e-3,
-                                            epochs=6, loss=loss), g)
+                                            epochs=6, loss=loss, **search), g)
         iters = 5
     for _ in range(iters):
         stats = m.step()
@@ -380,3 +381,47 @@ def test_a_methods_max_updates_caps_its_stage_below_the_sequence(trained):
 def test_max_updates_below_one_is_refused(cfg):
     with pytest.raises(ValueError, match="max_updates=0"):
         cfg(max_updates=0)
+
+
+def test_sft_action_search_inpaints_the_critics_best_action(trained):
+    setup, net = _setup(trained)
+    model = setup.model
+    g = torch.Generator().manual_seed(0)
+    m = SFTMethod(setup, net, SFTConfig(states_per_round=16, candidates=2, action_proposals=41,
+                                        replay=40, likelihood_quantile=0.0), g)
+    x, obs, stats = m.winners()
+    assert x.shape[0] == obs.shape[0] == 16 and stats["winners"] == 16
+    a = model.actions_from_x(x)[:, 0, 0]  # RAW first action of each winner
+    # the best of the 41 grid points (and 2 samples) for Q = -(a - 0.6)^2: within half a step
+    step = float(model.unnorm("actions", torch.tensor([[1.0]])) -
+                 model.unnorm("actions", torch.tensor([[-1.0]]))) / 40
+    assert (a - 0.6).abs().max() <= step / 2 + 1e-5
+    assert stats["winner_reward"] >= stats["candidate_best_reward"] - 1e-6
+    # the rest of the chunk is the model's own sample, not the in-painted action repeated
+    assert not torch.allclose(x[:, 1:], x[:, :1].expand_as(x[:, 1:]))
+    # replay: earlier winners stay in a buffer of at most 40
+    first, _ = m._train_set(x, obs)
+    x2, obs2, _ = m.winners()
+    both, both_obs = m._train_set(x2, obs2)
+    assert len(first) == 16 and len(both) == 32 and torch.equal(both[:16], x)
+    x3, obs3, _ = m.winners()
+    three, _ = m._train_set(x3, obs3)
+    assert len(three) == 40 and torch.equal(three[-16:], x3)
+    _unwrap(trained, net)
+
+
+def test_sft_action_search_refuses_models_that_infer_actions(tmp_path):
+    task = resolve_task("nav1d/full", episodes=20)
+    dd = build_model("dd", "ddpm", None, task.obs_dim, task.act_dim)
+    dd.make_dataset(task.episodes)  # fits the normalisers
+    freeze(dd)
+    states = condition_pool(task.episodes, dd.spec.obs_history, 8, seed=0)
+    torch.manual_seed(0)
+    net = add_lora(dd.net, r=2)
+    setup = AlignSetup(model=dd, critic=freeze(TargetActionCritic()), states=states,
+                       val_states=states)
+    with pytest.raises(ValueError, match="action_proposals=8 needs a model that samples"):
+        SFTMethod(setup, net, SFTConfig(action_proposals=8), torch.Generator())
+    remove_lora(net)
+    with pytest.raises(ValueError, match="action_proposals=-1"):
+        SFTConfig(action_proposals=-1)

@@ -363,3 +363,13 @@ def test_executed_mask_marks_the_entries_that_decide_the_action():
     m = dp.executed_mask((5, 4, 1))
     assert m[0, :, 0].tolist() == [True] * dp.spec.action_horizon + \
         [False] * (4 - dp.spec.action_horizon)
+
+
+def test_first_action_mask_marks_the_current_action_only():
+    d = tiny_model("diffuser", obs_history=2, horizon=8, state_cond=True)
+    m = d.first_action_mask((5, 8, 3))
+    assert m.shape == (1, 8, 3) and m.sum() == 1 and m[0, 1, 2]  # row K-1, action dim
+    dp = tiny_model("dp")
+    m = dp.first_action_mask((5, 4, 1))
+    assert m[0, :, 0].tolist() == [True, False, False, False]
+    assert tiny_model("dd", horizon=8).first_action_mask((5, 8, 2)) is None  # inferred

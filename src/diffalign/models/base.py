@@ -203,6 +203,11 @@ class ControlModel(nn.Module):
         """Bool ``(1, H, D)``: the entries of a sample that decide the executed actions."""
         raise NotImplementedError
 
+    def first_action_mask(self, shape: tuple[int, int, int]) -> Tensor | None:
+        """Bool ``(1, H, D)``: the entries of a sample holding the first executed action, or
+        None for a model that infers its actions from the sampled states."""
+        return None
+
     def _entry_mask(self, shape: tuple[int, int, int], rows: slice,
                     dims: slice = slice(None)) -> Tensor:
         """Bool ``(1, H, D)`` that is True on ``[rows, dims]`` of a sample of ``shape``."""

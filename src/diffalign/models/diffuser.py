@@ -130,6 +130,11 @@ class Diffuser(Planner):
         return self._entry_mask(shape, slice(k, k + self.spec.action_horizon),
                                 slice(self.obs_dim, None))
 
+    def first_action_mask(self, shape: tuple[int, int, int]) -> Tensor:
+        """The action dims of row ``K-1`` (the current step)."""
+        k = self.spec.obs_history - 1
+        return self._entry_mask(shape, slice(k, k + 1), slice(self.obs_dim, None))
+
 
 def _backbone(spec, x_dim: int, horizon: int, cond_dim: int = 0) -> nn.Module:
     """Build the spec's backbone; bad size arguments become a ValueError naming them."""

@@ -60,6 +60,10 @@ class DiffusionPolicy(ControlModel):
         """The first ``T_a`` actions of the chunk."""
         return self._entry_mask(shape, slice(0, self.spec.action_horizon))
 
+    def first_action_mask(self, shape: tuple[int, int, int]) -> Tensor:
+        """The chunk's first action."""
+        return self._entry_mask(shape, slice(0, 1))
+
     def plan_states_actions(self, x: Tensor) -> tuple[None, None]:
         return None, None
 
