@@ -57,4 +57,6 @@ def test_align_bad_online_and_dpo_pair_values_exit_2(tmp_path, capsys):
     assert main([*base, "--online", "--online-every", "0"]) == 2
     assert "online_every" in capsys.readouterr().err
     assert main([*base, "--dpo-pairs", "bogus"]) == 2
+    assert main([*base, "--sft-proposals", "-3"]) == 2
+    assert "sft_proposals=-3" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

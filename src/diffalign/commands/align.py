@@ -41,6 +41,12 @@ class AlignArgs:
     dpo_pairs: Literal["reference", "current", "dataset"] = "reference"
     """DPO: pairs from reference samples or current-model samples ranked by the critic, or
     from dataset windows ranked by their return."""
+    sft_proposals: int = 0
+    """SFT: search the executed action among this many proposals spread over the data's action
+    range (with the candidates' own), the critic's best in-painted into a new sample, and keep
+    the last 4096 winners for training (``SFTConfig.action_proposals``). Only for a critic
+    trained on data that tried every action (a random behaviour policy). 0: winners are the
+    critic's best whole candidates."""
     online: bool = False
     """Online fine-tuning: every --online-every updates roll the current model out in the
     task's environment, add the steps to the critic's buffer, keep training the critic
@@ -77,6 +83,9 @@ class AlignArgs:
             raise ValueError(f"need online_every >= 1, online_episodes >= 1 and "
                              f"online_critic_steps >= 0, got {self.online_every}, "
                              f"{self.online_episodes}, {self.online_critic_steps}")
+        if self.sft_proposals < 0:
+            raise ValueError(f"sft_proposals must be >= 0, got sft_proposals="
+                             f"{self.sft_proposals}")
         if self.passes < 1 or self.max_iters < 1 or self.lora_rank < 1:
             raise ValueError(f"passes={self.passes}, max_iters={self.max_iters}, lora_rank="
                              f"{self.lora_rank} must be >= 1")
@@ -101,6 +110,8 @@ def align_main(args: AlignArgs) -> dict:
     cfg = AlignConfig(sequence=seq, lora_rank=args.lora_rank, seed=args.seed)
     cfg.rl = replace(cfg.rl, kl_coef=args.rl_kl, qvpg_scale=args.rl_scale)
     cfg.dpo = replace(cfg.dpo, pair_source=args.dpo_pairs)
+    if args.sft_proposals:
+        cfg.sft = replace(cfg.sft, action_proposals=args.sft_proposals, replay=4096)
     if args.online:
         cfg.online = OnlineConfig(every=args.online_every, episodes=args.online_episodes,
                                   critic_steps=args.online_critic_steps)
