@@ -130,18 +130,10 @@ class SFTMethod(AdapterMethod):
         if cfg.action_proposals > 0:
             x, stats = self._searched_winners(obs, out.x0, r, src)
             keep = torch.ones(len(x), dtype=torch.bool, device=x.device)
-            if cfg.likelihood_quantile > 0:
-                cond, inpaint, shape = expand_condition(self.model, obs, n)
-                ll = self.model.process.likelihood(self.ref, out.x0, cond=cond,
-                                                   n_samples=cfg.likelihood_samples,
-                                                   generator=self.gen,
-                                                   mask=free_mask(inpaint, shape))
-                cond, inpaint, shape = expand_condition(self.model, obs, 1)
-                ll_w = self.model.process.likelihood(self.ref, x, cond=cond,
-                                                     n_samples=cfg.likelihood_samples,
-                                                     generator=self.gen,
-                                                     mask=free_mask(inpaint, shape))
-                keep = ll_w >= torch.quantile(ll, cfg.likelihood_quantile)
+            if cfg.likelihood_quantile > 0:  # below the candidates' quantile: off the data
+                floor = torch.quantile(self._ref_likelihood(out.x0, obs, n),
+                                       cfg.likelihood_quantile)
+                keep = self._ref_likelihood(x, obs, 1) >= floor
                 stats["rejected_ood"] = float((~keep).float().mean())
             stats["winners"] = int(keep.sum())
             return x[keep], obs[keep], stats
@@ -154,16 +146,19 @@ class SFTMethod(AdapterMethod):
             keep = r >= torch.quantile(r, cfg.quantile)
         stats = {"reward": float(r.mean()), "winner_reward": float(r[keep].mean())}
         if cfg.likelihood_quantile > 0:
-            cond, inpaint, shape = expand_condition(self.model, obs, n)
-            ll = self.model.process.likelihood(self.ref, out.x0, cond=cond,
-                                               n_samples=cfg.likelihood_samples,
-                                               generator=self.gen,
-                                               mask=free_mask(inpaint, shape))
+            ll = self._ref_likelihood(out.x0, obs, n)
             ok = ll >= torch.quantile(ll, cfg.likelihood_quantile)
             stats["rejected_ood"] = float((keep & ~ok).sum()) / max(1, int(keep.sum()))
             keep = keep & ok
         stats["winners"] = int(keep.sum())
         return out.x0[keep], rows[keep], stats
+
+    def _ref_likelihood(self, x: Tensor, obs: Tensor, n: int) -> Tensor:
+        """The reference's likelihood proxy of samples ``x`` (``n`` per row of ``obs``)."""
+        cond, inpaint, shape = expand_condition(self.model, obs, n)
+        return self.model.process.likelihood(self.ref, x, cond=cond,
+                                             n_samples=self.cfg.likelihood_samples,
+                                             generator=self.gen, mask=free_mask(inpaint, shape))
 
     def _searched_winners(self, obs: Tensor, x0: Tensor, r: Tensor, src
                           ) -> tuple[Tensor, dict[str, float]]:
