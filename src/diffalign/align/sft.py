@@ -73,7 +73,7 @@ class SFTConfig(MethodConfig):
     plan or chunk), relative to those that do (1 = all alike, 0 = the executed action only).
     The critic scored the winner by its executed action; the rest is mostly noise."""
     epochs: int = 4
-    """Gradient steps per round on its winners."""
+    """Gradient steps per round, on the round's winners (with ``replay``: on the buffer)."""
     batch_size: int = 64
     """Winners per gradient step."""
     lr: float = 3e-4
@@ -192,6 +192,7 @@ class SFTMethod(AdapterMethod):
         x = model.process.sample(src, shape, cond=cond, steps=self.setup.steps,
                                  inpaint=Inpaint(value=value, mask=mask), generator=self.gen,
                                  device=model.device).x0
+        # winner_reward: the best proposal as scored in the template sample above
         return x, {"reward": float(r.mean()), "winner_reward": float(q.max(1).values.mean()),
                    "candidate_best_reward": float(r.view(s, n).max(1).values.mean())}
 
