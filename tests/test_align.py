@@ -410,6 +410,26 @@ def test_sft_action_search_inpaints_the_critics_best_action(trained):
     _unwrap(trained, net)
 
 
+def test_sft_learning_rate_follows_a_cosine_to_lr_final(trained):
+    setup, net = _setup(trained)
+    m = SFTMethod(setup, net, SFTConfig(states_per_round=4, candidates=2, epochs=1, lr=1e-3,
+                                        lr_final=0.1, max_updates=5, likelihood_quantile=0.0),
+                  torch.Generator().manual_seed(0))
+    lrs = []
+    for _ in range(6):
+        m.step()
+        lrs.append(m.optimizer.param_groups[0]["lr"])
+    want = [1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, i / 4)))) for i in range(6)]
+    assert lrs == pytest.approx(want)
+    # a guard's lowering (x0.5) multiplies the schedule from then on
+    m.optimizer.param_groups[0]["lr"] *= 0.5
+    m.step()
+    assert m.optimizer.param_groups[0]["lr"] == pytest.approx(0.5e-4)
+    _unwrap(trained, net)
+    with pytest.raises(ValueError, match="lr_final=0"):
+        SFTConfig(lr_final=0.0)
+
+
 def test_sft_action_search_refuses_models_that_infer_actions(tmp_path):
     task = resolve_task("nav1d/full", episodes=20)
     dd = build_model("dd", "ddpm", None, task.obs_dim, task.act_dim)

@@ -267,6 +267,7 @@ def test_checkpoint_errors_name_the_path(tmp_path):
     ("hidden", 0), ("depth", 0), ("steps", 0), ("batch_size", -1), ("lr", 0.0),
     ("reward_scale", 0.0), ("grad_clip", -1.0), ("seed", -1), ("fourier_features", -1),
     ("fourier_scale", 0.0), ("backup_actions", -1), ("backup_states", 0),
+    ("backup_proposals", "uniform"), ("backup_select", "max"),
 ])
 def test_bad_critic_config_names_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -296,6 +297,45 @@ def test_max_backup_target_is_the_max_over_batch_actions_by_hand():
         torch.testing.assert_close(big.max_q_target(obs, act), want8)
 
 
+def test_grid_backup_is_the_max_over_an_even_grid_of_the_batch_range_by_hand():
+    c = _critic(backup_actions=5, backup_proposals="grid")
+    b = _batch(8)
+    obs, act = b["observations"], b["actions"]
+    grid = torch.linspace(float(act.min()), float(act.max()), 5)
+    with torch.no_grad():
+        got = c.max_q_target(obs, act)
+        want = torch.stack([c.q_target_min(obs, g.expand(8, 1)) for g in grid]).amax(0)
+    torch.testing.assert_close(got, want)
+
+
+def test_first_twin_selection_values_q1s_choice_by_the_min_of_the_twins():
+    c = _critic(backup_actions=5, backup_proposals="grid", backup_select="first")
+    with torch.no_grad():  # make the twins disagree
+        for p in c.q2_target.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    b = _batch(8)
+    obs, act = b["observations"], b["actions"]
+    grid = torch.linspace(float(act.min()), float(act.max()), 5)
+    with torch.no_grad():
+        q1 = torch.stack([c.q1_target(c._sa(obs, g.expand(8, 1))).squeeze(-1) for g in grid], 1)
+        chosen = grid[q1.argmax(1)][:, None]
+        want = c.q_target_min(obs, chosen)
+        got = c.max_q_target(obs, act)
+    torch.testing.assert_close(got, want)
+    # bfloat16 proposals: the value is still float32 and one of a grid action's exact values
+    c.cfg.backup_bf16 = True
+    with torch.no_grad():
+        got16 = c.max_q_target(obs, act)
+        vals = torch.stack([c.q_target_min(obs, g.expand(8, 1)) for g in grid], 1)
+    assert got16.dtype == torch.float32
+    assert bool(((vals - got16[:, None]).abs() < 1e-6).any(1).all())
+
+
+def test_grid_backup_refuses_more_than_one_action_dimension():
+    with pytest.raises(ValueError, match="backup_proposals"):
+        IQLCritic(2, 2, CriticConfig(**{**TINY, "backup_actions": 4, "backup_proposals": "grid"}))
+
+
 def test_max_backup_value_loss_reaches_only_v():
     c = _critic(backup_actions=4, backup_states=5)
     out = c.loss(_batch(8))
@@ -320,11 +360,15 @@ def test_max_backup_values_the_best_action_where_the_expectile_does_not():
               ckpt_every=0, device="cpu", gamma=0.0)
     obs = torch.as_tensor(eps.observations[:200])
     c_max = train_critic(eps, CriticConfig(backup_actions=32, **kw), progress=False)
+    c_grid = train_critic(eps, CriticConfig(backup_actions=33, backup_states=256,
+                                            backup_proposals="grid", backup_select="first",
+                                            backup_bf16=True, **kw), progress=False)
     c_iql = train_critic(eps, CriticConfig(expectile=0.7, **kw), progress=False)
     with torch.no_grad():
-        v_max, v_iql = c_max.v(obs), c_iql.v(obs)
+        v_max, v_grid, v_iql = c_max.v(obs), c_grid.v(obs), c_iql.v(obs)
     # max_a −(a − 0.5)² = 0; the 0.7-expectile over uniform actions is about −0.35
     assert float(v_max.mean()) > -0.05, float(v_max.mean())
+    assert float(v_grid.mean()) > -0.05, float(v_grid.mean())
     assert float(v_iql.mean()) < -0.2, float(v_iql.mean())
 
 

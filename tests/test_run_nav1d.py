@@ -34,11 +34,21 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     for png in ("returns.png", "reward_distribution.png", "trajectories.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "align" / "adapter" / "adapter_model.safetensors").exists()
+    # align.json lists each stage's validations; the kept adapter is the best of them so far
+    aj = json.loads((out / "align" / "align.json").read_text())
+    best = aj["reference_val_reward"]
+    for st in aj["stages"]:
+        vals = [v["val_reward"] for v in st["validations"]]
+        assert all(v["iteration"] < st["iterations"] for v in st["validations"])
+        best = max([best, *vals])
+        assert st["val_reward"] == pytest.approx(best)
     # random-policy data: the planner sees the state as a condition, the critic backs up a max
     found = json.loads((out / "foundation" / "config.json").read_text())
     assert found["spec"]["state_cond"] is True
     crit = json.loads((out / "critic" / "config.json").read_text())
     assert crit["config"]["backup_actions"] == 32
+    assert crit["config"]["backup_proposals"] == "grid"
+    assert crit["config"]["backup_states"] == 256
     # a stage that kept an earlier stage's adapter reuses that stage's evaluation
     by_name = {s["name"]: s for s in report["stages"]}
     for s in report["stages"]:

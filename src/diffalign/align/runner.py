@@ -131,7 +131,11 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
                                                          "extra_dim": refiner.extra_dim})
         write_json(out / "align.json", {
             "reference_val_reward": ref_reward,
-            "stages": [{k: v for k, v in asdict(s).items() if k != "history"} for s in stages],
+            "stages": [{**{k: v for k, v in asdict(s).items() if k != "history"},
+                        "validations": [{"iteration": h["iteration"],
+                                         "val_reward": h["val_reward"]}
+                                        for h in s.history if "val_reward" in h]}
+                       for s in stages],
             "cascade_wall_s": result.cascade_wall_s,
             "cascade_history": result.cascade_history,
             "events": events,

@@ -14,6 +14,7 @@ buffer the adapter keeps training on.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -78,6 +79,13 @@ class SFTConfig(MethodConfig):
     """Winners per gradient step."""
     lr: float = 3e-4
     """Adapter learning rate."""
+    lr_final: float = 1.0
+    """With ``max_updates``: the learning rate falls along a cosine from ``lr`` at the first
+    round to ``lr_final · lr`` at round ``max_updates`` (1 = constant). A guard's lowering
+    of the rate on a collapse multiplies the schedule. In ``run nav1d`` (24 rounds, 512
+    validation states) 0.1 brought the final stage to 88.7% of the optimum on one layout-0
+    foundation and 86.9% on layout 1, against 90.0% and 91.5% with a constant rate, so it is
+    not the default."""
     max_grad_norm: float = 1.0
     """Gradient clipping."""
 
@@ -97,6 +105,8 @@ class SFTConfig(MethodConfig):
         if self.action_proposals < 0 or self.replay < 0:
             raise ValueError(f"need action_proposals >= 0 and replay >= 0, got action_proposals="
                              f"{self.action_proposals}, replay={self.replay}")
+        if not 0 < self.lr_final <= 1:
+            raise ValueError(f"lr_final must be in (0, 1], got lr_final={self.lr_final}")
         if self.lr <= 0 or self.epochs < 1:
             raise ValueError(f"need lr > 0 and epochs >= 1, got lr={self.lr}, "
                              f"epochs={self.epochs}")
@@ -118,6 +128,18 @@ class SFTMethod(AdapterMethod):
                                  f"samples its actions; {type(self.model).__name__} infers "
                                  "them from states (use action_proposals=0)")
         self._buffer: tuple[Tensor, Tensor] | None = None
+        self._round, self._lr_factor = 0, 1.0
+
+    def _schedule_lr(self) -> None:
+        """Scale the optimiser's rate to this round's point of the cosine (``lr_final``)."""
+        cfg = self.cfg
+        if cfg.lr_final < 1 and cfg.max_updates:
+            frac = min(1.0, self._round / max(1, cfg.max_updates - 1))
+            f = cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * frac))
+            for group in self.optimizer.param_groups:
+                group["lr"] *= f / self._lr_factor
+            self._lr_factor = f
+        self._round += 1
 
     @torch.no_grad()
     def winners(self):
@@ -222,6 +244,7 @@ class SFTMethod(AdapterMethod):
         cfg = self.cfg
         x, obs, stats = self.winners()
         x, obs = self._train_set(x, obs)
+        self._schedule_lr()
         if len(x) == 0:
             return {**stats, "loss": float("nan")}
         losses = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json as _json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -51,6 +51,16 @@ class CriticArgs:
     backup_actions: int = _DEFAULTS.backup_actions
     """0 = IQL's expectile; K > 0 = V regresses onto max Q over K actions drawn from the
     data (only for data that tried every action everywhere, e.g. a random policy)."""
+    backup_states: int = _DEFAULTS.backup_states
+    """With backup_actions: V trains on this many states of each batch."""
+    backup_proposals: Literal["batch", "grid"] = _DEFAULTS.backup_proposals
+    """The max backup's K actions: drawn from the batch, or an even grid over the batch's
+    action range (one action dimension)."""
+    backup_select: Literal["min", "first"] = _DEFAULTS.backup_select
+    """The max backup's choice: by min of the target twins, or by the first twin (half the
+    cost; valued by the min)."""
+    backup_bf16: bool = _DEFAULTS.backup_bf16
+    """Evaluate the max backup's proposals in bfloat16."""
     gamma: float = _DEFAULTS.gamma
     """Discount factor."""
     target_tau: float = _DEFAULTS.target_tau
@@ -84,7 +94,9 @@ class CriticArgs:
             steps=self.steps, batch_size=self.batch_size, lr=self.lr, hidden=self.hidden,
             depth=self.depth, fourier_features=self.fourier_features,
             fourier_scale=self.fourier_scale, expectile=self.expectile,
-            backup_actions=self.backup_actions, gamma=self.gamma,
+            backup_actions=self.backup_actions, backup_states=self.backup_states,
+            backup_proposals=self.backup_proposals, backup_select=self.backup_select,
+            backup_bf16=self.backup_bf16, gamma=self.gamma,
             target_tau=self.target_tau, reward_scale=self.reward_scale,
             reward_bias=self.reward_bias, timeouts_as_terminals=self.timeouts_as_terminals,
             seed=self.seed, device=self.device)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["PRESETS", "RunNav1DArgs", "critic_warnings", "run_nav1d"]
+__all__ = ["PRESETS", "RunNav1DArgs", "bf16_is_fast", "critic_warnings", "run_nav1d"]
 
 PRESETS: dict[str, dict] = {
     "quick": dict(data_episodes=200, foundation_steps=400, critic_steps=800, max_iters=4,
@@ -33,35 +33,40 @@ PRESETS: dict[str, dict] = {
                     max_iters=120, rl_updates=16, dpo_updates=8, sft_rounds=24, eval_every=4,
                     patience=10, passes=1, eval_episodes=64, ref_eval_episodes=16,
                     ref_candidates=64, cascade_rounds=4, cascade_steps=25, conditions=4096,
-                    val_conditions=128),
+                    val_conditions=512),
     "paper": dict(data_episodes=1000, foundation_steps=10000, critic_steps=10000,
                   max_iters=240, eval_every=4, patience=10, passes=3, eval_episodes=200,
                   ref_eval_episodes=100, ref_candidates=64, cascade_rounds=10, cascade_steps=50,
-                  conditions=8192, val_conditions=256),
+                  conditions=8192, val_conditions=512),
 }
 """Sizes of the run: quick (CI, about a minute), default (under 10 minutes on 2 CPU cores),
 paper. ``max_iters`` caps every method's updates per pass; ``rl_updates``, ``dpo_updates``
 and ``sft_rounds`` (where given) cap RL, DPO and SFT lower, to keep the default job under 10
 minutes. In the default job SFT with the critic's action search (``SFT_ACTION_SEARCH``) does
-most of the work. On layout 0 (one foundation and critic, 64 evaluation episodes): RL with 16
-updates 59.9% of the optimum, SFT after it 88.7% with 24 rounds and 87.5% with 32; with 40 RL
-updates first (another foundation), RL 57.1% and SFT 89.6%, and SFT alone from the reference
-85.3%. ``conditions`` is the pool of dataset states the methods train on: with 512 of them
-the same SFT reached 78-80%."""
+most of the work. ``conditions`` is the pool of dataset states the methods train on: with
+512 of them SFT stopped at 78-80% of the optimum (layout 0, the session-9 critic), with 4096
+at 86-91%. ``val_conditions`` are the states of the validation reward that picks each
+stage's adapter: with 128 of them one layout-0 run kept an earlier SFT adapter at 87.3%; 512
+picked one at 89.5%, and two other runs kept the same adapter either way (92.6%, 91.4%)."""
 
 CRITIC_EXPECTILE = 0.95
 """IQL expectile of the run's critic. On nav1d/full the greedy policy of the critic
 (argmax_a Q over 201 actions, 200 episodes) reached 77.5% of the optimum with IQL's usual 0.7
 and 3000 steps, 80.8% with 0.9 and 6000 steps, 81.2% with 0.95 and 6000; 0.97 (3000 steps)
 gave 75.5% and 0.99 (6000) 73.9%. Alignment cannot do better than its critic."""
-CRITIC_BACKUP_ACTIONS = 32
+CRITIC_BACKUP = dict(backup_actions=32, backup_states=256, backup_proposals="grid",
+                     backup_select="first")
 """Max backup of the run's critic on random-policy data (partial, full): V regresses onto
-max Q over 32 dataset actions (``CriticConfig.backup_actions``) instead of the expectile.
-On nav1d/full, layout 0, 6000 steps, the greedy ceiling rose from 85.6% (expectile 0.95)
-to 89.4% (32 actions, V on 64 states per batch, 125 s), 90.3% (16 actions, whole batch,
-184 s) and 93.2% (32 actions, whole batch, 297 s); with an even grid of 33 actions 94.6% on
-layout 0 and 94.1% on layout 1 (78.2% with the expectile). Expert data keeps the expectile:
-it never tried other actions, and the max would trust the critic there."""
+max Q over an even grid of 32 actions across the data's range at every state of the batch
+(``CriticConfig.backup_actions``), instead of the expectile; the first target twin chooses
+the action and the min of the twins values it, and the grid is evaluated in bfloat16 where
+that is fast (``backup_bf16``, see :func:`bf16_is_fast`). On nav1d/full, layout 0, 6000
+steps, the critic's greedy policy reached 85.6% of the optimum with the expectile (0.95),
+89.4% with 32 batch actions on 64 states per batch (the default until session 10, 125 s),
+93.2% with 32 batch actions on every state (297 s), 94.2% with this grid in float32 and 95.0%
+in bfloat16 (118-131 s in the main job alone on 2 cores); on layout 1 89.1% before and 95.9%
+after. Expert data keeps the expectile: it never tried other actions, and the max would
+trust the critic there."""
 COND_FOURIER = 16
 """Fourier frequencies of the foundation's global condition (``ModelSpec.cond_fourier``).
 Nav1D's rewards change independently from one time step to the next, so the best action is
@@ -85,6 +90,20 @@ CRITIC_DEPTH = 3
 the greedy policy reached 81.2% with 2 layers, 85.6% and 84.7% (two seeds) with 3, 84.3%
 with 4 and 83.3% with 3 layers of width 512; random Fourier input features (64 frequencies,
 scale 0.5 / 3.0) gave 82.6% / 77.6%, and gamma 1.0 83.6%."""
+
+
+def bf16_is_fast(device: str = "auto") -> bool:
+    """Whether bfloat16 matmuls are native on ``device``: a CUDA GPU that supports them, or
+    a CPU whose oneDNN build has bfloat16 kernels (AVX512-BF16 or AMX)."""
+    import torch
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if str(dev).startswith("cuda"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @dataclass
@@ -214,14 +233,15 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
         critic = IQLCritic.load(cdir, device=args.device)
         _log(f"critic: loaded {cdir}")
     else:
-        backup = CRITIC_BACKUP_ACTIONS if covered else 0
+        backup = (dict(CRITIC_BACKUP, backup_bf16=bf16_is_fast(args.device))
+                  if covered else {})
         _log(f"critic: training IQL for {P['critic_steps']} steps"
-             + (f" (max backup over {backup} data actions)" if backup else ""))
+             + (f" (max backup over a grid of {backup['backup_actions']} actions)"
+                if backup else ""))
         critic = train_critic(task.episodes, CriticConfig(steps=P["critic_steps"], seed=args.seed,
                                                           expectile=CRITIC_EXPECTILE,
                                                           depth=CRITIC_DEPTH,
-                                                          backup_actions=backup,
-                                                          device=args.device),
+                                                          device=args.device, **backup),
                               out_dir=cdir, progress=args.progress)
     _remember(out, "critic_train_s", time.perf_counter() - t0, trained)
     from .critic import nav1d_greedy_return
