@@ -140,3 +140,14 @@ def test_run_nav1d_trains_dp_executing_one_action(tmp_path, monkeypatch):
                                progress=False))
     assert seen["targs"].model == "dp" and seen["targs"].action_horizon == 1
     assert seen["targs"].state_cond is False and seen["targs"].cond_fourier > 0
+
+
+def test_bf16_is_fast_answers_for_the_device_asked():
+    import torch
+
+    from diffalign.commands.run import bf16_is_fast
+
+    assert isinstance(bf16_is_fast("cpu"), bool)
+    if not torch.cuda.is_available():
+        assert bf16_is_fast("cuda") is False
+        assert bf16_is_fast("auto") == bf16_is_fast("cpu")
