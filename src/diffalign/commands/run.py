@@ -97,9 +97,14 @@ def bf16_is_fast(device: str = "auto") -> bool:
     a CPU whose oneDNN build has bfloat16 kernels (AVX512-BF16 or AMX)."""
     import torch
 
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if str(dev).startswith("cuda"):
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    from ..train.trainer import resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except ValueError:  # CUDA asked for, none here
+        return False
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
