@@ -183,6 +183,21 @@ def test_sequence_runs_methods_and_records_injected_collapse(trained, monkeypatc
     _unwrap(trained, net)
 
 
+def test_method_eval_every_overrides_the_sequence(trained):
+    setup, net = _setup(trained)
+    seq = SequenceConfig(methods=("rl", "sft"), passes=1, max_iters=6, eval_every=2,
+                         patience=10)
+    cfgs = {"rl": RLConfig(states_per_iter=8, lr=3e-3, kl_coef=0.0, eval_every=3),
+            "sft": SFTConfig(states_per_round=8, candidates=4, epochs=1, max_updates=4)}
+    stages, _, _ = run_sequence(setup, net, seq, cfgs, progress=False)
+    validated = {s.name: [h["iteration"] for h in s.history if "val_reward" in h]
+                 for s in stages}
+    assert validated == {"rl": [2, 5], "sft": [1, 3]}
+    with pytest.raises(ValueError, match="eval_every=0"):
+        RLConfig(eval_every=0)
+    _unwrap(trained, net)
+
+
 def test_cascade_starts_equal_to_reference_and_trains(trained):
     setup, net = _setup(trained)
     refiner = build_refiner(setup.model, net)

@@ -59,4 +59,8 @@ def test_align_bad_online_and_dpo_pair_values_exit_2(tmp_path, capsys):
     assert main([*base, "--dpo-pairs", "bogus"]) == 2
     assert main([*base, "--sft-proposals", "-3"]) == 2
     assert "sft_proposals=-3" in capsys.readouterr().err
+    assert main([*base, "--rl-lr", "0"]) == 2
+    assert "rl_lr=0" in capsys.readouterr().err
+    assert main([*base, "--rl-group", "0"]) == 2
+    assert "rl_group=0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

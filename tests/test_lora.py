@@ -9,6 +9,7 @@ from diffalign.align.lora import (
     lora_parameters,
     lora_target_modules,
     merge_lora,
+    merged_copy,
     reference,
     save_adapter,
 )
@@ -74,6 +75,26 @@ def test_adapter_round_trip_and_merge(tmp_path):
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     assert all(p.requires_grad for p in merged.parameters())
     torch.testing.assert_close(merged(x, t), want, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_copy_computes_the_adapted_net_and_leaves_it_alone():
+    lnet = add_lora(_net("unet"), r=2)
+    x, t = _inputs()
+    with torch.no_grad():
+        for p in lora_parameters(lnet):
+            p.add_(0.05 * torch.randn_like(p))
+    before = {k: v.clone() for k, v in lnet.state_dict().items()}
+    want = lnet(x, t).detach()
+    fast = merged_copy(lnet)
+    assert not any("lora_" in n for n, _ in fast.named_parameters())
+    assert not any(p.requires_grad for p in fast.parameters())
+    torch.testing.assert_close(fast(x, t), want, atol=1e-5, rtol=1e-5)
+    after = lnet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k])
+                                                  for k in before)
+    assert all(p.requires_grad for p in lora_parameters(lnet))  # still trainable
+    plain = _net("mlp")
+    assert merged_copy(plain) is plain  # nothing to merge
 
 
 def test_bad_rank_and_missing_adapter(tmp_path):

@@ -21,7 +21,7 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     assert report["task"] == "nav1d/full" and report["model"] == "diffuser"
     assert report["optimal_return"] > 10
     names = [s["name"] for s in report["stages"]]
-    assert names == ["reference", "reference@64", "rl", "dpo", "sft", "cascade"]
+    assert names == ["reference", "reference@64", "dpo", "sft", "rl", "cascade"]
     for s in report["stages"]:
         assert STAGE_KEYS <= set(s), s["name"]
         assert s["coherency"] is not None and 0 <= s["coherency"] <= 1
@@ -36,6 +36,8 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     assert (out / "align" / "adapter" / "adapter_model.safetensors").exists()
     # align.json lists each stage's validations; the kept adapter is the best of them so far
     aj = json.loads((out / "align" / "align.json").read_text())
+    # RL runs last, from the SFT adapter, without a KL to the reference on random-policy data
+    assert aj["config"]["rl"]["kl_coef"] == 0.0 and aj["config"]["rl"]["lr"] == 3e-4
     best = aj["reference_val_reward"]
     for st in aj["stages"]:
         vals = [v["val_reward"] for v in st["validations"]]

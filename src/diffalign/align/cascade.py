@@ -106,13 +106,11 @@ def build_refiner(model, reference_net: nn.Module | None = None,
 
 def aligned_state_dict(net: nn.Module) -> dict[str, Tensor]:
     """The weights of a LoRA-wrapped net with its adapter merged (the net is not changed)."""
-    import copy
-
-    from .lora import is_lora, merge_lora
+    from .lora import is_lora, merged_copy
 
     if not is_lora(net):
         return reference_state_dict(net)
-    return {k: v.detach() for k, v in merge_lora(copy.deepcopy(net)).state_dict().items()}
+    return {k: v.detach() for k, v in merged_copy(net).state_dict().items()}
 
 
 def ref_shape(model) -> tuple[int, int]:
@@ -245,6 +243,14 @@ class CascadeModel:
 
     def __getattr__(self, name):
         return getattr(self._model, name)
+
+    def merged(self) -> CascadeModel:
+        """The same cascade with the aligned net's adapter folded into a frozen copy (faster
+        sampling; see :func:`~diffalign.align.lora.merged_copy`)."""
+        from .lora import merged_copy
+
+        return CascadeModel(self._model, merged_copy(self._aligned), self._refiner,
+                            self._passes)
 
     def sample(self, obs_hist, n: int = 1, generator=None, steps=None, grad_last_k=None,
                return_chain: bool = False, net=None):

@@ -72,11 +72,17 @@ class MethodConfig:
     max_updates: int | None = None
     """Cap on this method's updates in one pass of the sequence (None: the sequence's
     ``max_iters``)."""
+    eval_every: int | None = None
+    """Updates between this method's validations (None: the sequence's ``eval_every``).
+    Cheap updates (an RL step) can validate less often than dear ones (an SFT round)."""
 
     def __post_init__(self):
         if self.max_updates is not None and self.max_updates < 1:
             raise ValueError(f"max_updates must be >= 1 or None, got max_updates="
                              f"{self.max_updates}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1 or None, got eval_every="
+                             f"{self.eval_every}")
 
 
 class AdapterMethod:

@@ -22,7 +22,7 @@ from .common import (
     expand_condition,
     free_mask,
 )
-from .lora import reference
+from .lora import merged_copy, reference
 
 __all__ = ["RLConfig", "RLMethod", "credit_decreasing", "credit_retrospective",
            "gaussian_kl_equal_var", "group_advantages", "group_scale", "policy_gradient_loss"]
@@ -284,12 +284,13 @@ class RLMethod(AdapterMethod):
         free = free_mask(inpaint, shape)
         kl = torch.zeros(shape[0], device=x.device)
         self.optimizer.zero_grad(set_to_none=True)
+        fast = merged_copy(net) if steps > k_grad else net  # the same function, no gradient
         for i in range(steps):
             t, tp = float(times[i]), float(times[i + 1])
             if i < steps - k_grad:
                 with torch.no_grad():
-                    x = proc.impose(proc.step(net, x, t, tp, cond=cond, generator=self.gen).prev,
-                                    tp, inpaint, self.gen)
+                    x = proc.impose(proc.step(fast, x, t, tp, cond=cond,
+                                              generator=self.gen).prev, tp, inpaint, self.gen)
                 continue
             st = proc.step(net, x, t, tp, cond=cond, generator=self.gen)
             if cfg.kl_coef > 0:

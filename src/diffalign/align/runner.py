@@ -86,7 +86,8 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
     """Run the alignment sequence (and the cascade) on ``model`` against ``critic``.
 
     With ``cfg.online`` the critic is fine-tuned in place on rollouts in ``make_env()``
-    environments (default: the environment of the model's task).
+    environments (default: the environment of the model's task). ``on_stage_end(stage, net)``
+    is called after each stage with the LoRA-wrapped net set to that stage's best adapter.
     """
     freeze(model)
     freeze(critic)
@@ -105,9 +106,10 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
 
             make_env = task_env(dict(model.meta))[0]
         online = OnlineTuner(setup, episodes, make_env, cfg.online)
+    stage_end = None if on_stage_end is None else (lambda st: on_stage_end(st, net))
     stages, events, _ = run_sequence(setup, net, cfg.sequence,
                                      {"rl": cfg.rl, "dpo": cfg.dpo, "sft": cfg.sft},
-                                     seed=cfg.seed, on_stage_end=on_stage_end,
+                                     seed=cfg.seed, on_stage_end=stage_end,
                                      progress=progress, online=online)
     result = AlignResult(model=model, net=net, stages=stages, events=events,
                          reference_reward=ref_reward)

@@ -45,7 +45,8 @@ class SequenceConfig:
     """Maximum updates of one method in one pass (a method's own ``max_updates`` overrides
     it)."""
     eval_every: int = 4
-    """Updates between validation evaluations."""
+    """Updates between validation evaluations (a method's own ``eval_every`` overrides
+    it)."""
     patience: int = 3
     """Evaluations without a gain of ``min_delta`` before a method is stopped (plateau)."""
     min_delta: float = 0.02
@@ -133,12 +134,13 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
             t0 = time.perf_counter()
             stage_best = guard.best_reward
             stale, history, it = 0, [], 0
+            every = method.cfg.eval_every or seq.eval_every
             bar = tqdm(range(method.cfg.max_updates or seq.max_iters), desc=f"align/{name}",
                        disable=not progress, leave=False)
             for it in bar:
                 stats = method.step()
                 reason = guard.loss_spiked(float(stats.get("loss", 0.0)))
-                if reason is None and (it + 1) % seq.eval_every == 0:
+                if reason is None and (it + 1) % every == 0:
                     val, _, x0 = validation_draw(setup, net=net)
                     stats["val_reward"] = val
                     reason = guard.reward_collapsed(val)

@@ -38,6 +38,12 @@ class AlignArgs:
     rl_scale: Literal["none", "group"] = "none"
     """RL (QV-PG): "group" divides the reward by its spread over each state's samples, so
     --rl-kl means the same on any reward scale."""
+    rl_lr: float = 1e-3
+    """RL: adapter learning rate (``run nav1d`` uses 3e-4 for RL after SFT)."""
+    rl_states: int = 32
+    """RL: states per update."""
+    rl_group: int = 8
+    """RL: samples per state (the group of PPO/REINFORCE's baseline; QV-PG can take 1)."""
     dpo_pairs: Literal["reference", "current", "dataset"] = "reference"
     """DPO: pairs from reference samples or current-model samples ranked by the critic, or
     from dataset windows ranked by their return."""
@@ -79,6 +85,10 @@ class AlignArgs:
                                         "(no config.json)")
         if not self.rl_kl >= 0:
             raise ValueError(f"rl_kl must be >= 0, got rl_kl={self.rl_kl}")
+        if not self.rl_lr > 0 or self.rl_states < 1 or self.rl_group < 1:
+            raise ValueError(f"need rl_lr > 0, rl_states >= 1 and rl_group >= 1, got rl_lr="
+                             f"{self.rl_lr}, rl_states={self.rl_states}, rl_group="
+                             f"{self.rl_group}")
         if self.online_every < 1 or self.online_episodes < 1 or self.online_critic_steps < 0:
             raise ValueError(f"need online_every >= 1, online_episodes >= 1 and "
                              f"online_critic_steps >= 0, got {self.online_every}, "
@@ -108,7 +118,8 @@ def align_main(args: AlignArgs) -> dict:
     seq = SequenceConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                          passes=args.passes, max_iters=args.max_iters)
     cfg = AlignConfig(sequence=seq, lora_rank=args.lora_rank, seed=args.seed)
-    cfg.rl = replace(cfg.rl, kl_coef=args.rl_kl, qvpg_scale=args.rl_scale)
+    cfg.rl = replace(cfg.rl, kl_coef=args.rl_kl, qvpg_scale=args.rl_scale, lr=args.rl_lr,
+                     states_per_iter=args.rl_states, group_size=args.rl_group)
     cfg.dpo = replace(cfg.dpo, pair_source=args.dpo_pairs)
     if args.sft_proposals:
         cfg.sft = replace(cfg.sft, action_proposals=args.sft_proposals, replay=4096)
