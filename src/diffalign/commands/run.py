@@ -144,8 +144,8 @@ class RunNav1DArgs:
     preset: Literal["quick", "default", "paper"] = "default"
     """Run size."""
     methods: str = "dpo,sft,rl"
-    """Alignment methods in order, comma-separated (rl, dpo, sft). The default runs RL
-    last (see ``RL_AFTER_SFT``); ``rl,dpo,sft`` is the paper's order."""
+    """Alignment methods in order, comma-separated (rl, dpo, sft). The default runs RL last,
+    from the SFT adapter (run.py's RL_AFTER_SFT); rl,dpo,sft is the paper's order."""
     passes: int | None = None
     """Maximum passes over the methods (default from the preset)."""
     cascade: bool = True
