@@ -228,6 +228,10 @@ def test_cascade_starts_equal_to_reference_and_trains(trained):
     casc = CascadeModel(setup.model, net, ref)
     out = casc.sample(obs, n=2, generator=torch.Generator().manual_seed(0))
     assert out.x0.shape[0] == 8 and torch.isfinite(out.x0).all()
+    # the merged cascade (faster sampling) draws the same samples; the adapter stays on
+    fast = casc.merged().sample(obs, n=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fast.x0, out.x0, atol=1e-4, rtol=1e-4)
+    assert lora_parameters(net) and casc._aligned is net
     _unwrap(trained, net)
 
 
@@ -371,6 +375,41 @@ def test_align_online_saves_the_fine_tuned_critic(trained, tmp_path):
     saved = IQLCritic.load(tmp_path / "critic_online")
     assert all(torch.equal(saved.state_dict()[k], v) for k, v in critic.state_dict().items())
     assert any(not torch.equal(offline[k], v) for k, v in critic.state_dict().items())
+    remove_lora(res.net)
+
+
+def test_align_merge_saves_the_adapted_model_and_calls_back_with_the_net(trained, tmp_path):
+    from diffalign.align.runner import AlignConfig, _merged_copy, align
+    from diffalign.models.base import ControlModel
+
+    model, state, _, val, episodes = trained
+    model.net.load_state_dict(state)
+    cfg = AlignConfig(
+        sequence=SequenceConfig(methods=("rl",), passes=1, max_iters=2, eval_every=1,
+                                patience=5),
+        rl=RLConfig(states_per_iter=4, lr=3e-2, kl_coef=0.0), cascade=None, conditions=32,
+        val_conditions=8, steps=5)
+    seen = []
+    res = align(model, freeze(TargetActionCritic()), episodes, cfg, out_dir=tmp_path,
+                progress=False, merge=True,
+                on_stage_end=lambda st, net: seen.append((st.name, net)))
+    assert [name for name, _ in seen] == ["rl"] and seen[0][1] is res.net
+    cond = model.condition(val[:3]).cond
+    x = torch.randn(3, *model.condition(val[:1]).shape,
+                    generator=torch.Generator().manual_seed(0))
+    t = torch.full((3,), 0.4)
+    saved = ControlModel.load(tmp_path / "merged")  # round trip of the merged checkpoint
+    with torch.no_grad():
+        torch.testing.assert_close(saved.net(x, t, cond=cond), res.net(x, t, cond=cond),
+                                   atol=1e-5, rtol=1e-4)
+        for p in lora_parameters(res.net):  # a visible adapter, whatever RL kept
+            p.add_(0.05)
+        want = res.net(x, t, cond=cond)
+        with reference(res.net):
+            ref = res.net(x, t, cond=cond)
+        got = _merged_copy(model, res.net).net(x, t, cond=cond)
+    assert not torch.allclose(want, ref, atol=1e-4)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     remove_lora(res.net)
 
 

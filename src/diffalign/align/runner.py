@@ -22,7 +22,7 @@ from ..train.checkpoint import CheckpointError, load_tensors, save_tensors
 from .cascade import CascadeConfig, CascadeModel, build_refiner, train_cascade
 from .common import AlignSetup, condition_pool, freeze, validation_reward
 from .dpo import DPOConfig
-from .lora import add_lora, load_adapter, merge_lora, save_adapter
+from .lora import add_lora, load_adapter, merged_copy, save_adapter
 from .online import OnlineConfig, OnlineTuner
 from .rl import RLConfig
 from .sequence import SequenceConfig, StageResult, run_sequence
@@ -154,7 +154,7 @@ def _merged_copy(model, net):
     import copy
 
     clone = copy.deepcopy(model)
-    clone.net = merge_lora(copy.deepcopy(net))
+    clone.net = merged_copy(net)
     return clone
 
 

@@ -299,7 +299,7 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
             # a LoRA net samples faster with its adapter folded into a copy
             res = evaluate(m, critic=critic, episodes=n_episodes or episodes,
                            candidates=candidates, out_dir=edir, seed=args.seed,
-                           device=args.device, net=None if net is None else merged_copy(net))
+                           device=args.device, net=merged_copy(net))
         if key is not None:
             evaluated.setdefault(key, edir)
         row = {"name": name, "return_mean": res["return_mean"], "return_std": res["return_std"],
