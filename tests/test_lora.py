@@ -11,6 +11,7 @@ from diffalign.align.lora import (
     merge_lora,
     merged_copy,
     reference,
+    refresh_merged,
     save_adapter,
 )
 from diffalign.nets import build_backbone
@@ -95,6 +96,45 @@ def test_merged_copy_computes_the_adapted_net_and_leaves_it_alone():
     assert all(p.requires_grad for p in lora_parameters(lnet))  # still trainable
     plain = _net("mlp")
     assert merged_copy(plain) is plain  # nothing to merge
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_refresh_merged_follows_the_adapter(kind):
+    """A merged copy refreshed after the adapter changed computes the changed net, as a new
+    merged copy does; inside reference() it computes the reference."""
+    lnet = add_lora(_net(kind), r=2)
+    x, t = _inputs()
+    fast = merged_copy(lnet)
+    with torch.no_grad():
+        for p in lora_parameters(lnet):
+            p.add_(0.05 * torch.randn_like(p))
+        want = lnet(x, t)
+        assert not torch.allclose(fast(x, t), want, atol=1e-4)  # stale until refreshed
+        assert refresh_merged(fast, lnet) is fast
+        torch.testing.assert_close(fast(x, t), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast(x, t), merged_copy(lnet)(x, t), atol=1e-6, rtol=0)
+        with reference(lnet):
+            ref = lnet(x, t)
+            refresh_merged(fast, lnet)
+        torch.testing.assert_close(fast(x, t), ref, atol=1e-6, rtol=0)
+    assert not any(p.requires_grad for p in fast.parameters())
+
+
+def test_merged_copy_inside_reference_is_the_reference():
+    """With the adapter switched off, the copy computes the reference, not the adapted net."""
+    lnet = add_lora(_net("unet"), r=2)
+    x, t = _inputs()
+    with torch.no_grad():
+        for p in lora_parameters(lnet):
+            p.add_(0.05 * torch.randn_like(p))
+        adapted = lnet(x, t)
+        with reference(lnet):
+            want = lnet(x, t)
+            fast = merged_copy(lnet)
+        assert not torch.allclose(want, adapted)
+        assert not any("lora_" in n for n, _ in fast.named_parameters())
+        torch.testing.assert_close(fast(x, t), want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(lnet(x, t), adapted, atol=0, rtol=0)  # adapter back on
 
 
 def test_bad_rank_and_missing_adapter(tmp_path):

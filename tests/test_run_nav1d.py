@@ -37,7 +37,7 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     # align.json lists each stage's validations; the kept adapter is the best of them so far
     aj = json.loads((out / "align" / "align.json").read_text())
     # RL runs last, from the SFT adapter, without a KL to the reference on random-policy data
-    assert aj["config"]["rl"]["kl_coef"] == 0.0 and aj["config"]["rl"]["lr"] == 3e-4
+    assert aj["config"]["rl"]["kl_coef"] == 0.0 and aj["config"]["rl"]["lr"] == 1e-3
     best = aj["reference_val_reward"]
     for st in aj["stages"]:
         vals = [v["val_reward"] for v in st["validations"]]

@@ -22,7 +22,7 @@ from .common import (
     expand_condition,
     free_mask,
 )
-from .lora import merged_copy, reference
+from .lora import merged_copy, reference, refresh_merged
 
 __all__ = ["RLConfig", "RLMethod", "credit_decreasing", "credit_retrospective",
            "gaussian_kl_equal_var", "group_advantages", "group_scale", "policy_gradient_loss"]
@@ -203,6 +203,14 @@ class RLMethod(AdapterMethod):
         # The KL needs Gaussian transitions too: a deterministic sampler (DDIM η=0, FM Euler,
         # the SM ODE) takes it on the transitions of its stochastic variant.
         self.kl_process = base.stochastic_variant()
+        self._fast = None  # QV-PG: a merged copy of net for the no-gradient steps
+
+    def _merged(self) -> torch.nn.Module:
+        """``net`` with its current adapter folded in (one copy, refreshed each update)."""
+        if self._fast is None:
+            self._fast = merged_copy(self.net)
+            return self._fast
+        return refresh_merged(self._fast, self.net)
 
     def _steps(self) -> int:
         return self.setup.steps or self.process.default_steps
@@ -284,7 +292,7 @@ class RLMethod(AdapterMethod):
         free = free_mask(inpaint, shape)
         kl = torch.zeros(shape[0], device=x.device)
         self.optimizer.zero_grad(set_to_none=True)
-        fast = merged_copy(net) if steps > k_grad else net  # the same function, no gradient
+        fast = self._merged() if steps > k_grad else net  # the same function, no gradient
         for i in range(steps):
             t, tp = float(times[i]), float(times[i + 1])
             if i < steps - k_grad:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..processes import Inpaint
 from .common import AdapterMethod, MethodConfig, expand_condition, free_mask
+from .lora import merged_copy
 
 __all__ = ["SFTConfig", "SFTMethod"]
 
@@ -146,7 +147,8 @@ class SFTMethod(AdapterMethod):
         """Filtered winners ``x`` with their conditions, and round statistics."""
         cfg, n = self.cfg, self.cfg.candidates
         obs = self.setup.draw_states(cfg.states_per_round, self.gen)
-        src = self.ref if cfg.source == "reference" else self.net
+        # sampling only: the current adapter folded into a copy is the same model, faster
+        src = self.ref if cfg.source == "reference" else merged_copy(self.net)
         out = self.model.sample(obs, n=n, generator=self.gen, steps=self.setup.steps, net=src)
         rows = obs.repeat_interleave(n, 0)
         r = self.setup.reward(out.x0, rows)

@@ -39,7 +39,7 @@ class AlignArgs:
     """RL (QV-PG): "group" divides the reward by its spread over each state's samples, so
     --rl-kl means the same on any reward scale."""
     rl_lr: float = 1e-3
-    """RL: adapter learning rate (run nav1d uses 3e-4 for RL after SFT)."""
+    """RL: adapter learning rate (run nav1d uses 1e-3 for RL after SFT)."""
     rl_states: int = 32
     """RL: states per update."""
     rl_group: int = 8

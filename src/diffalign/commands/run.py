@@ -88,19 +88,20 @@ SFT_ACTION_SEARCH = dict(action_proposals=201, candidates=1, states_per_round=12
 every action: each round's winners take the critic's best of 201 evenly spaced first actions,
 in-painted by the model (``SFTConfig.action_proposals``), and the adapter trains on the last
 4096 winners. The winner is then the critic's argmax, not the best of a few samples."""
-RL_AFTER_SFT = dict(lr=3e-4, kl_coef=0.0, states_per_iter=256, group_size=1)
+RL_AFTER_SFT = dict(lr=1e-3, kl_coef=0.0, states_per_iter=256, group_size=1)
 """RL settings of the run on random-policy data (partial, full), where RL comes last (the
 default ``--methods dpo,sft,rl``): QV-PG, the critic's gradient through the last 3 denoising
-steps, from the SFT adapter, on 256 states per update, without a KL to the reference (the
-critic has seen every action). SFT leaves the first action spread around the critic's
-argmax, and on about a tenth of the states in the other basin (those carry half of the
-remaining Q gap); the reward gradient narrows the spread (entropy about -1.4 -> -4) and moves
-those samples. On nav1d/full, layout 0, the SFT adapter at 90.8% of the optimum (validation
-reward 5.882 against the critic's max 5.910) went to 93.3% after 60 updates of 32 states x 8
-samples (95.2% after 150, 94.2% after 60 with 256 states x 1); lr 1e-3 gave 91.1%. In the
-main job (100 updates, 64 s alone on 2 cores) RL added 0.7-6.4 points to SFT and the final
-stage reached 91.6-94.9% on layouts 0-3. Run first, from the reference (session 10's order
-rl,dpo,sft), QV-PG reached 48-60% and SFT then redid its work."""
+steps, from the SFT adapter, on 256 states per update at learning rate 1e-3, without a KL to
+the reference (the critic has seen every action). SFT leaves the first action spread around
+the critic's argmax, and on about a tenth of the states in the other basin; the reward
+gradient narrows the spread (entropy about -1.4 -> -4.5) and moves those samples. From two
+SFT adapters (nav1d/full, layouts 0 and 1, at 90.8% and 90.4% of the optimum), 100 updates
+of 256 states reached 93.6 / 93.5% with lr 3e-4, 94.3 / 93.7% with 6e-4, 95.4 / 94.6% with
+1e-3 and 90.7 / 94.3% with 2e-3 (200 episodes each); with 32 states x 8 samples per update
+lr 1e-3 fell to 91.1% on layout 0, so the larger rate needs the larger batch. Gradient
+through the last 10 steps instead of 3 gave 94.3 / 93.4% at lr 3e-4, at 1.3x the time. Run
+first, from the reference (session 10's order rl,dpo,sft), QV-PG reached 48-60% and SFT then
+redid its work."""
 CRITIC_DEPTH = 3
 """Hidden layers of the run's critic MLPs. With expectile 0.95 and 6000 steps on nav1d/full
 the greedy policy reached 81.2% with 2 layers, 85.6% and 84.7% (two seeds) with 3, 84.3%
