@@ -32,6 +32,13 @@ def _inputs():
     return torch.randn(4, 8, 3, generator=g), torch.rand(4, generator=g)
 
 
+@torch.no_grad()
+def _perturb(lnet):
+    """Move every adapter parameter off its initial value (B starts at zero)."""
+    for p in lora_parameters(lnet):
+        p.add_(0.05 * torch.randn_like(p))
+
+
 @pytest.mark.parametrize("kind", ["unet", "dit", "mlp"])
 def test_only_lora_parameters_change_and_reference_is_frozen(kind):
     net = _net(kind)
@@ -63,9 +70,7 @@ def test_adapter_round_trip_and_merge(tmp_path):
     net = _net("unet")
     x, t = _inputs()
     lnet = add_lora(net, r=2)
-    with torch.no_grad():
-        for p in lora_parameters(lnet):
-            p.add_(0.05 * torch.randn_like(p))
+    _perturb(lnet)
     want = lnet(x, t).detach()
     save_adapter(lnet, tmp_path / "adapter")
     assert {p.name for p in (tmp_path / "adapter").iterdir()} == {"adapter_model.safetensors",
@@ -81,9 +86,7 @@ def test_adapter_round_trip_and_merge(tmp_path):
 def test_merged_copy_computes_the_adapted_net_and_leaves_it_alone():
     lnet = add_lora(_net("unet"), r=2)
     x, t = _inputs()
-    with torch.no_grad():
-        for p in lora_parameters(lnet):
-            p.add_(0.05 * torch.randn_like(p))
+    _perturb(lnet)
     before = {k: v.clone() for k, v in lnet.state_dict().items()}
     want = lnet(x, t).detach()
     fast = merged_copy(lnet)
@@ -105,9 +108,8 @@ def test_refresh_merged_follows_the_adapter(kind):
     lnet = add_lora(_net(kind), r=2)
     x, t = _inputs()
     fast = merged_copy(lnet)
+    _perturb(lnet)
     with torch.no_grad():
-        for p in lora_parameters(lnet):
-            p.add_(0.05 * torch.randn_like(p))
         want = lnet(x, t)
         assert not torch.allclose(fast(x, t), want, atol=1e-4)  # stale until refreshed
         assert refresh_merged(fast, lnet) is fast
@@ -124,9 +126,8 @@ def test_merged_copy_inside_reference_is_the_reference():
     """With the adapter switched off, the copy computes the reference, not the adapted net."""
     lnet = add_lora(_net("unet"), r=2)
     x, t = _inputs()
+    _perturb(lnet)
     with torch.no_grad():
-        for p in lora_parameters(lnet):
-            p.add_(0.05 * torch.randn_like(p))
         adapted = lnet(x, t)
         with reference(lnet):
             want = lnet(x, t)

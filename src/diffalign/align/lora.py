@@ -145,11 +145,10 @@ def merged_copy(net: nn.Module) -> nn.Module:
 
     if not is_lora(net):
         return net
-    twin = copy.deepcopy(net)
-    plain = twin.unload() if _adapter_disabled(net) else merge_lora(twin)
+    plain = copy.deepcopy(net).unload()  # the base layers, unwrapped; weights set below
     for p in plain.parameters():
         p.requires_grad_(False)
-    return plain
+    return refresh_merged(plain, net)
 
 
 @torch.no_grad()
