@@ -89,7 +89,7 @@ def main(argv=None) -> None:
     from diffalign.eval.evaluate import task_env
     from diffalign.eval.rollout import rollout
     from diffalign.models.base import ControlModel
-    from diffalign.models.critic import IQLCritic
+    from diffalign.models.critic import load_critic
     from diffalign.tasks import resolve_task
 
     for sub in ("foundation", "critic", "align/adapter"):
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
             sys.exit(f"error: {args.run / sub} not found; run `diffalign run nav1d --out "
                      f"{args.run}` first")
     model = ControlModel.load(args.run / "foundation").eval()
-    critic = IQLCritic.load(args.run / "critic").eval()
+    critic = load_critic(args.run / "critic")
     if model.act_dim != 1 or model.spec.obs_history != 1:
         sys.exit("error: this check is written for Nav1D models with one action dimension and "
                  "an observation history of 1")

@@ -16,11 +16,13 @@ from diffalign.data.nav1d_datasets import generate_nav1d_dataset, nav1d_dataset_
 from diffalign.data.normalizer import NormalizerSet
 from diffalign.models.critic import (
     CriticConfig,
+    CriticEnsemble,
     IQLCritic,
     awr_weights,
     expectile_loss,
     iql_q_loss,
     iql_value_loss,
+    load_critic,
     train_critic,
     transitions_from_episodes,
 )
@@ -267,7 +269,7 @@ def test_checkpoint_errors_name_the_path(tmp_path):
     ("hidden", 0), ("depth", 0), ("steps", 0), ("batch_size", -1), ("lr", 0.0),
     ("reward_scale", 0.0), ("grad_clip", -1.0), ("seed", -1), ("fourier_features", -1),
     ("fourier_scale", 0.0), ("backup_actions", -1), ("backup_states", 0),
-    ("backup_proposals", "uniform"), ("backup_select", "max"),
+    ("backup_proposals", "uniform"), ("backup_select", "max"), ("ensemble", 0),
 ])
 def test_bad_critic_config_names_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -422,9 +424,11 @@ def test_short_training_ranks_optimal_action_above_random(tmp_path):
     assert not np.array_equal(s1, a)
 
 
-def test_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("ensemble", [1, 2])
+def test_resume_is_bit_identical(tmp_path, ensemble):
     eps = _nav1d(10)
-    cfg = dict(hidden=16, batch_size=32, log_every=5, ckpt_every=5, device="cpu")
+    cfg = dict(hidden=16, batch_size=32, log_every=5, ckpt_every=5, device="cpu",
+               ensemble=ensemble)
     full = train_critic(eps, CriticConfig(steps=20, **cfg), tmp_path / "a", progress=False)
     train_critic(eps, CriticConfig(steps=10, **cfg), tmp_path / "b", progress=False)
     resumed = train_critic(eps, CriticConfig(steps=20, **cfg), tmp_path / "b", progress=False)
@@ -448,3 +452,128 @@ def test_critic_command_smoke(tmp_path, capsys):
     assert summary["transitions"] == 8 * 32
     IQLCritic.load(tmp_path / "c")
     assert (tmp_path / "c" / "critic_summary.json").is_file()
+
+
+# ------------------------------------------------------------------ ensembles
+def _ensemble(n: int = 2, seed: int = 0, **kw) -> CriticEnsemble:
+    torch.manual_seed(seed)
+    return CriticEnsemble(2, 1, CriticConfig(**{**TINY, "ensemble": n, **kw}))
+
+
+def test_ensemble_values_are_the_members_means_by_hand():
+    e = _ensemble(3)
+    b = _batch(8)
+    obs, act = b["observations"], b["actions"]
+    qs = [m.q(obs, act) for m in e.members]
+    vs = [m.v(obs) for m in e.members]
+    torch.testing.assert_close(e.q(obs, act), (qs[0] + qs[1] + qs[2]) / 3)
+    torch.testing.assert_close(e.v(obs), (vs[0] + vs[1] + vs[2]) / 3)
+    torch.testing.assert_close(e(obs, act), e.q(obs, act))
+    torch.testing.assert_close(e.advantage(obs, act), e.q(obs, act) - e.v(obs))
+    # the members start from different weights
+    assert not torch.equal(e.members[0].q1[0].weight, e.members[1].q1[0].weight)
+    # the mean Q stays differentiable in the action (QV-PG needs it)
+    a = act.clone().requires_grad_(True)
+    e.q(obs, a).sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="ensemble=1"):
+        CriticEnsemble(2, 1, CriticConfig(**TINY))
+
+
+def test_ensemble_loss_is_the_sum_and_each_member_gets_only_its_own_gradient():
+    e = _ensemble(2)
+    b0, b1 = _batch(8, seed=0), _batch(8, seed=1)
+    out = e.loss([b0, b1])
+    l0, l1 = e.members[0].loss(b0), e.members[1].loss(b1)
+    for k in ("loss", "loss_q", "loss_v"):
+        torch.testing.assert_close(out[k], l0[k] + l1[k])
+    torch.testing.assert_close(out["q_mean"], (l0["q_mean"] + l1["q_mean"]) / 2)
+    # one shared batch is the same as giving it to each member
+    torch.testing.assert_close(e.loss(b0)["loss"], e.loss([b0, b0])["loss"])
+    with pytest.raises(ValueError, match="3 batches for 2"):
+        e.loss([b0, b1, b0])
+    # member 0's loss reaches member 0's online nets only
+    e.zero_grad(set_to_none=True)
+    e.members[0].loss(b0)["loss"].backward()
+    assert all(p.grad is not None for p in e.members[0].trainable_parameters())
+    assert all(p.grad is None for p in e.members[1].parameters())
+    assert len(e.trainable_parameters()) == 2 * len(e.members[0].trainable_parameters())
+    # Polyak moves every member's targets
+    before = [m.q1_target[0].weight.clone() for m in e.members]
+    with torch.no_grad():
+        for m in e.members:
+            m.q1[0].weight.add_(1.0)
+    e.update_target(0.5)
+    for m, w in zip(e.members, before):
+        torch.testing.assert_close(m.q1_target[0].weight, w + 0.5 * (m.q1[0].weight - w))
+
+
+def test_ensemble_round_trip_and_load_critic_dispatch(tmp_path):
+    obs = np.random.default_rng(0).normal(5.0, 2.0, size=(64, 2)).astype(np.float32)
+    act = np.random.default_rng(1).uniform(-1, 1, size=(64, 1)).astype(np.float32)
+    ns = NormalizerSet.fit_arrays({"observations": obs, "actions": act})
+    torch.manual_seed(0)
+    e = CriticEnsemble(2, 1, CriticConfig(**TINY, ensemble=2, expectile=0.8), ns)
+    with torch.no_grad():
+        e.members[1].q1_target[0].weight.mul_(1.5)
+    e.save(tmp_path / "e")
+    cfg = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert cfg["kind"] == "iql_critic_ensemble" and cfg["config"]["ensemble"] == 2
+    d = load_critic(tmp_path / "e")
+    assert isinstance(d, CriticEnsemble) and d.cfg == e.cfg and not d.training
+    torch.testing.assert_close(d.q(obs, act), e.q(obs, act), rtol=0, atol=0)
+    torch.testing.assert_close(d.v(obs), e.v(obs), rtol=0, atol=0)
+    # the normalisers travel with the weights (raw inputs in, as for one critic)
+    x = torch.from_numpy(ns.normalize("observations", obs))
+    torch.testing.assert_close(d.members[0].v(obs), d.members[0].v_net(x).squeeze(-1))
+    # one critic loads through the same function; other kinds are refused by name
+    c = _critic()
+    c.save(tmp_path / "c")
+    assert isinstance(load_critic(tmp_path / "c"), IQLCritic)
+    with pytest.raises(CheckpointError, match="iql_critic_ensemble"):
+        IQLCritic.load(tmp_path / "e")
+    IQLAgent(2, 1, IQLAgentConfig(hidden=8)).save(tmp_path / "a")
+    with pytest.raises(CheckpointError, match="iql_agent"):
+        load_critic(tmp_path / "a")
+    from diffalign.eval.evaluate import load_critic as eval_load_critic
+
+    assert isinstance(eval_load_critic(str(tmp_path / "e")), CriticEnsemble)
+
+
+def test_train_critic_ensemble_gives_each_member_its_own_batches(tmp_path, monkeypatch):
+    eps = _nav1d(10)
+    cfg = CriticConfig(hidden=16, steps=3, batch_size=32, log_every=100, ckpt_every=0,
+                       device="cpu", ensemble=2)
+    seen = []
+    original = CriticEnsemble.loss
+
+    def spy(self, batch):
+        seen.append(batch)
+        return original(self, batch)
+
+    monkeypatch.setattr(CriticEnsemble, "loss", spy)
+    torch.manual_seed(cfg.seed)
+    init = CriticEnsemble(2, 1, cfg)
+    e = train_critic(eps, cfg, tmp_path / "e", progress=False)
+    assert isinstance(e, CriticEnsemble) and len(e) == 2
+    assert isinstance(load_critic(tmp_path / "e"), CriticEnsemble)
+    assert len(seen) == 3
+    for batches in seen:
+        assert isinstance(batches, list) and len(batches) == 2
+        assert not torch.equal(batches[0]["observations"], batches[1]["observations"])
+    # both members moved from their (different) starting weights
+    for m, m0 in zip(e.members, init.members):
+        assert not torch.equal(m.v_net[0].weight, m0.v_net[0].weight)
+    assert not torch.equal(e.members[0].v_net[0].weight, e.members[1].v_net[0].weight)
+
+
+def test_critic_command_ensemble(tmp_path, capsys):
+    from diffalign.commands.critic import CriticArgs, critic_main
+
+    with pytest.raises(ValueError, match="ensemble"):
+        CriticArgs(out=tmp_path / "x", ensemble=0)
+    args = CriticArgs(out=tmp_path / "c", task="nav1d/full", episodes=8, steps=3, hidden=16,
+                      batch_size=16, device="cpu", progress=False, ensemble=2)
+    summary = critic_main(args)
+    assert math.isfinite(summary["critic/loss_q"])
+    assert isinstance(load_critic(tmp_path / "c"), CriticEnsemble)

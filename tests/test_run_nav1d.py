@@ -51,6 +51,7 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     assert crit["config"]["backup_actions"] == 32
     assert crit["config"]["backup_proposals"] == "grid"
     assert crit["config"]["backup_states"] == 256
+    assert crit["kind"] == "iql_critic_ensemble" and crit["config"]["ensemble"] == 2
     # a stage that kept an earlier stage's adapter reuses that stage's evaluation
     by_name = {s["name"]: s for s in report["stages"]}
     for s in report["stages"]:

@@ -174,7 +174,7 @@ def run_cell(cell: dict, task_name: str, cell_dir: str, critic_dir: str,
     from ..commands.train import TrainArgs, train_model
     from ..eval.evaluate import evaluate
     from ..models.base import ControlModel
-    from ..models.critic import IQLCritic
+    from ..models.critic import load_critic
     from ..tasks import resolve_task
     from ..train.trainer import resolve_device
 
@@ -202,7 +202,7 @@ def run_cell(cell: dict, task_name: str, cell_dir: str, critic_dir: str,
                           progress=progress)
         model, _, _ = train_model(targs)
         timings["foundation_s"] = time.perf_counter() - t0
-    critic = IQLCritic.load(critic_dir, device=device)
+    critic = load_critic(critic_dir, device=device)
     task = resolve_task(task_name, episodes=size.data_episodes)
 
     evals: dict[str, dict] = {}

@@ -106,11 +106,11 @@ def align_main(args: AlignArgs) -> dict:
     from ..align.runner import AlignConfig, align
     from ..align.sequence import SequenceConfig
     from ..models.base import ControlModel
-    from ..models.critic import IQLCritic
+    from ..models.critic import load_critic
     from ..tasks import resolve_task
 
     model = ControlModel.load(args.ref_dir, device=args.device)
-    critic = IQLCritic.load(args.critic, device=args.device)
+    critic = load_critic(args.critic, device=args.device)
     task_name = model.meta.get("task")
     if not task_name:
         raise ValueError(f"{args.ref_dir}/config.json does not record its task")

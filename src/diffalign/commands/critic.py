@@ -71,6 +71,9 @@ class CriticArgs:
     """See reward_scale."""
     timeouts_as_terminals: bool | None = None
     """Stop bootstrapping at time-outs (default: auto, True for Nav1D only)."""
+    ensemble: int = _DEFAULTS.ensemble
+    """Critics trained side by side (own initialisation and batches); more than one saves a
+    mean-Q ensemble, which every command that takes a critic loads."""
     seed: int = 0
     """Seed of the initialisation and batch sampling."""
     device: str = "auto"
@@ -99,7 +102,7 @@ class CriticArgs:
             backup_bf16=self.backup_bf16, gamma=self.gamma,
             target_tau=self.target_tau, reward_scale=self.reward_scale,
             reward_bias=self.reward_bias, timeouts_as_terminals=self.timeouts_as_terminals,
-            seed=self.seed, device=self.device)
+            ensemble=self.ensemble, seed=self.seed, device=self.device)
 
 
 def nav1d_critic_check(critic: Any, episodes: Any, layout_seed: int = 0, seed: int = 0

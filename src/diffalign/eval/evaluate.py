@@ -40,15 +40,16 @@ EVAL_PNG = "eval.png"
 
 
 def load_critic(critic: Any, device: str = "cpu"):
-    """A critic object as is, or ``IQLCritic.load(dir)`` for a path (None stays None)."""
+    """A critic object as is, or the critic saved in a directory (one IQL critic or an
+    ensemble, :func:`diffalign.models.critic.load_critic`); None stays None."""
     if critic is None or not isinstance(critic, (str, Path)):
         return critic
     path = Path(critic)
     if not path.exists():
         raise FileNotFoundError(f"critic directory {str(path)!r} does not exist")
-    from ..models.critic import IQLCritic
+    from ..models.critic import load_critic as load_critic_dir
 
-    return IQLCritic.load(path, device=device)
+    return load_critic_dir(path, device=device)
 
 
 def _is_nav1d(meta: dict) -> bool:
