@@ -109,7 +109,10 @@ alignment and the best-of-n ranking use their mean Q (``CriticEnsemble``). One c
 quality depends a lot on its seed: with one critic of 6000 steps on nav1d/full the greedy
 policy reached 94.0 / 91.9 / 91.3% of the optimum (seeds 0-2) on layout 0 and 83.9 / 95.1 /
 94.7% on layout 4. The default preset trains two critics for 4000 steps (one joint step
-costs about 1.5x one critic's, so about the time of one critic for 6000 steps): FILL."""
+costs about 1.5x one critic's, so about the time of one critic for 6000 steps). On nav1d/full,
+layouts 0-5, their greedy policy reached 93.1 / 92.3 / 93.9 / 94.1 / 96.0 / 91.3% (mean
+93.5, worst 91.3), one critic of 6000 steps (seed 0) 94.0 / 95.9 / 92.0 / 95.1 / 83.9 /
+94.9% (mean 92.6, worst 83.9)."""
 CRITIC_DEPTH = 3
 """Hidden layers of the run's critic MLPs. With expectile 0.95 and 6000 steps on nav1d/full
 the greedy policy reached 81.2% with 2 layers, 85.6% and 84.7% (two seeds) with 3, 84.3%
