@@ -51,7 +51,9 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     assert crit["config"]["backup_actions"] == 32
     assert crit["config"]["backup_proposals"] == "grid"
     assert crit["config"]["backup_states"] == 256
+    # the quick preset trains two critics (the default one): the ensemble runs end to end
     assert crit["kind"] == "iql_critic_ensemble" and crit["config"]["ensemble"] == 2
+    assert report["critic_ensemble"] == 2 and report["critic_steps"] == 800
     # a stage that kept an earlier stage's adapter reuses that stage's evaluation
     by_name = {s["name"]: s for s in report["stages"]}
     for s in report["stages"]:
@@ -154,3 +156,16 @@ def test_bf16_is_fast_answers_for_the_device_asked():
     if not torch.cuda.is_available():
         assert bf16_is_fast("cuda") is False
         assert bf16_is_fast("auto") == bf16_is_fast("cpu")
+
+
+def test_run_nav1d_critic_sizes_from_preset_or_arguments(tmp_path, capsys):
+    from diffalign.commands.run import PRESETS, RunNav1DArgs, critic_sizes
+
+    assert critic_sizes(RunNav1DArgs(out=tmp_path / "a")) == (
+        PRESETS["default"]["critic_ensemble"], PRESETS["default"]["critic_steps"])
+    assert critic_sizes(RunNav1DArgs(out=tmp_path / "a", preset="paper"))[0] == 2
+    assert critic_sizes(RunNav1DArgs(out=tmp_path / "a", critic_ensemble=2,
+                                     critic_steps=4000)) == (2, 4000)
+    assert main(["run", "nav1d", "--critic-ensemble", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "critic_ensemble=0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

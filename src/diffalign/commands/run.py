@@ -22,27 +22,40 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["CRITIC_ENSEMBLE", "PRESETS", "RunNav1DArgs", "bf16_is_fast", "critic_warnings",
+__all__ = ["PRESETS", "RunNav1DArgs", "bf16_is_fast", "critic_warnings",
            "run_nav1d"]
 
 PRESETS: dict[str, dict] = {
-    "quick": dict(data_episodes=200, foundation_steps=400, critic_steps=800, max_iters=4,
+    "quick": dict(data_episodes=200, foundation_steps=400, critic_steps=800, critic_ensemble=2,
+                  max_iters=4,
                   eval_every=2, patience=2, passes=1, eval_episodes=8, ref_eval_episodes=4,
                   ref_candidates=64,
                   cascade_rounds=1, cascade_steps=10, conditions=128, val_conditions=32),
-    "default": dict(data_episodes=1000, foundation_steps=3000, critic_steps=4000,
+    "default": dict(data_episodes=1000, foundation_steps=3000, critic_steps=6000, critic_ensemble=1,
                     max_iters=120, rl_updates=100, rl_eval_every=10, dpo_updates=8, sft_rounds=24,
                     eval_every=4,
                     patience=10, passes=1, eval_episodes=64, ref_eval_episodes=16,
                     ref_candidates=64, cascade_rounds=4, cascade_steps=25, conditions=4096,
                     val_conditions=512),
-    "paper": dict(data_episodes=1000, foundation_steps=10000, critic_steps=10000,
+    "paper": dict(data_episodes=1000, foundation_steps=10000, critic_steps=10000, critic_ensemble=2,
                   max_iters=240, eval_every=4, patience=10, passes=3, eval_episodes=200,
                   ref_eval_episodes=100, ref_candidates=64, cascade_rounds=10, cascade_steps=50,
                   conditions=8192, val_conditions=512),
 }
 """Sizes of the run: quick (CI, about a minute), default (under 10 minutes on 2 CPU cores),
-paper. ``max_iters`` caps every method's updates per pass; ``rl_updates``, ``dpo_updates``
+paper. ``critic_ensemble`` IQL critics are trained side by side for ``critic_steps`` each
+(``--critic-ensemble``, ``--critic-steps`` override them), and alignment and the best-of-n
+ranking use their mean Q. One critic's quality depends a lot on its seed (greedy policy of
+one 6000-step critic on nav1d/full: 94.0 / 91.9 / 91.3% of the optimum for seeds 0-2 on
+layout 0, 83.9 / 95.1 / 94.7% on layout 4); two critics of 4000 steps reached 93.1 / 92.3 /
+93.9 / 94.1 / 96.0 / 91.3% on layouts 0-5 (mean 93.5, worst 91.3; one critic of 6000
+steps, seed 0: mean 92.6, worst 83.9), but a joint step of two costs twice one critic's
+and the main job then took 10 min 24 s alone on 2 cores; with 3000 steps each (the time of
+one critic of 6000) they fell to 91.2 / 89.9 / 95.2 / 88.1% on layouts 0, 1, 4, 5, and with
+V's max backup on 128 states of each batch instead of 256 to 93.7 / 84.7 / 92.0 / 88.1%. So
+the default keeps one critic, and the paper preset (meant for a GPU) trains two.
+
+``max_iters`` caps every method's updates per pass; ``rl_updates``, ``dpo_updates``
 and ``sft_rounds`` (where given) cap RL, DPO and SFT lower, to keep the default job under 10
 minutes; RL validates every ``rl_eval_every`` updates (its updates are cheap). In the
 default job SFT with the critic's action search (``SFT_ACTION_SEARCH``) does most of the
@@ -103,16 +116,6 @@ lr 1e-3 fell to 91.1% on layout 0, so the larger rate needs the larger batch. Gr
 through the last 10 steps instead of 3 gave 94.3 / 93.4% at lr 3e-4, at 1.3x the time. Run
 first, from the reference (session 10's order rl,dpo,sft), QV-PG reached 48-60% and SFT then
 redid its work."""
-CRITIC_ENSEMBLE = 2
-"""IQL critics of the run, trained side by side (each its own initial weights and batches);
-alignment and the best-of-n ranking use their mean Q (``CriticEnsemble``). One critic's
-quality depends a lot on its seed: with one critic of 6000 steps on nav1d/full the greedy
-policy reached 94.0 / 91.9 / 91.3% of the optimum (seeds 0-2) on layout 0 and 83.9 / 95.1 /
-94.7% on layout 4. The default preset trains two critics for 4000 steps (one joint step
-costs about 1.5x one critic's, so about the time of one critic for 6000 steps). On nav1d/full,
-layouts 0-5, their greedy policy reached 93.1 / 92.3 / 93.9 / 94.1 / 96.0 / 91.3% (mean
-93.5, worst 91.3), one critic of 6000 steps (seed 0) 94.0 / 95.9 / 92.0 / 95.1 / 83.9 /
-94.9% (mean 92.6, worst 83.9)."""
 CRITIC_DEPTH = 3
 """Hidden layers of the run's critic MLPs. With expectile 0.95 and 6000 steps on nav1d/full
 the greedy policy reached 81.2% with 2 layers, 85.6% and 84.7% (two seeds) with 3, 84.3%
@@ -169,6 +172,12 @@ class RunNav1DArgs:
     """Online fine-tuning during alignment: every 8 updates, 16 episodes of the current
     model join the critic's buffer and the critic trains 200 more steps (OUT/align/
     critic_online/). Off by default: the paper's setting is offline."""
+    critic_ensemble: int | None = None
+    """IQL critics trained side by side, their mean Q used (default from the preset: 1, 2 for
+    paper). Two critics of 4000 steps (`--critic-ensemble 2 --critic-steps 4000`) gave a
+    steadier critic across layouts than one of 6000, at 1.5x its time."""
+    critic_steps: int | None = None
+    """Training steps of each critic (default from the preset)."""
     eval_episodes: int | None = None
     """Evaluation episodes per stage (default from the preset)."""
     seed: int = 0
@@ -189,6 +198,10 @@ class RunNav1DArgs:
                              f"{', '.join(METHODS)} (comma-separated)")
         if self.passes is not None and self.passes < 1:
             raise ValueError(f"passes must be >= 1, got passes={self.passes}")
+        for name in ("critic_ensemble", "critic_steps"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {name}={v}")
         if self.eval_episodes is not None and self.eval_episodes < 1:
             raise ValueError(f"eval_episodes must be >= 1, got eval_episodes={self.eval_episodes}")
         if self.layout_seed < 0:
@@ -199,6 +212,12 @@ class RunNav1DArgs:
 
 def _log(msg: str) -> None:
     print(f"[diffalign run] {msg}", flush=True)
+
+
+def critic_sizes(args: RunNav1DArgs) -> tuple[int, int]:
+    """(critics, steps of each) of the run: the arguments, or the preset's."""
+    P = PRESETS[args.preset]
+    return (args.critic_ensemble or P["critic_ensemble"], args.critic_steps or P["critic_steps"])
 
 
 def run_nav1d(args: RunNav1DArgs) -> dict:
@@ -270,13 +289,15 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
     else:
         backup = (dict(CRITIC_BACKUP, backup_bf16=bf16_is_fast(args.device))
                   if covered else {})
-        _log(f"critic: training {CRITIC_ENSEMBLE} IQL critics for {P['critic_steps']} steps"
+        n_critics, critic_steps = critic_sizes(args)
+        _log(f"critic: training {n_critics} IQL critic{'s' if n_critics > 1 else ''} for "
+             f"{critic_steps} steps"
              + (f" (max backup over a grid of {backup['backup_actions']} actions)"
                 if backup else ""))
-        critic = train_critic(task.episodes, CriticConfig(steps=P["critic_steps"], seed=args.seed,
+        critic = train_critic(task.episodes, CriticConfig(steps=critic_steps, seed=args.seed,
                                                           expectile=CRITIC_EXPECTILE,
                                                           depth=CRITIC_DEPTH,
-                                                          ensemble=CRITIC_ENSEMBLE,
+                                                          ensemble=n_critics,
                                                           device=args.device, **backup),
                               out_dir=cdir, progress=args.progress)
     _remember(out, "critic_train_s", time.perf_counter() - t0, trained)
@@ -395,6 +416,7 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
         "optimal_return": task.ref_max,
         "dataset_return": float(task.episodes.returns().mean()),
         "critic_greedy_normalized": ceiling["greedy_normalized"],
+        "critic_ensemble": int(critic.cfg.ensemble), "critic_steps": int(critic.cfg.steps),
         "online": args.online, "dpo_pairs": args.dpo_pairs,
         "stages": stages,
         "events": warnings + events,
