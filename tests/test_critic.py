@@ -478,6 +478,9 @@ def test_ensemble_values_are_the_members_means_by_hand():
     assert a.grad is not None and a.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="ensemble=1"):
         CriticEnsemble(2, 1, CriticConfig(**TINY))
+    # one critic refuses an ensemble config, so a saved config never claims more critics
+    with pytest.raises(ValueError, match="ensemble=2"):
+        IQLCritic(2, 1, CriticConfig(**TINY, ensemble=2))
 
 
 def test_ensemble_loss_is_the_sum_and_each_member_gets_only_its_own_gradient():
@@ -535,6 +538,8 @@ def test_ensemble_round_trip_and_load_critic_dispatch(tmp_path):
     IQLAgent(2, 1, IQLAgentConfig(hidden=8)).save(tmp_path / "a")
     with pytest.raises(CheckpointError, match="iql_agent"):
         load_critic(tmp_path / "a")
+    with pytest.raises(CheckpointError, match="nope"):
+        load_critic(tmp_path / "nope")
     from diffalign.eval.evaluate import load_critic as eval_load_critic
 
     assert isinstance(eval_load_critic(str(tmp_path / "e")), CriticEnsemble)

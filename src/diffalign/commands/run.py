@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["PRESETS", "RunNav1DArgs", "bf16_is_fast", "critic_warnings",
+__all__ = ["PRESETS", "RunNav1DArgs", "bf16_is_fast", "critic_sizes", "critic_warnings",
            "run_nav1d"]
 
 PRESETS: dict[str, dict] = {

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..data.episodes import Episodes
 from ..data.normalizer import NormalizerSet
-from ..train.checkpoint import CheckpointError, load_model_files, save_model
+from ..train.checkpoint import CONFIG, CheckpointError, load_model_files, read_json, save_model
 
 __all__ = [
     "CRITIC_KIND",
@@ -347,6 +347,9 @@ class IQLCritic(nn.Module):
         self.act_dim = int(act_dim)
         """Action size."""
         c = self.cfg
+        if c.ensemble != 1:
+            raise ValueError(f"IQLCritic is one critic, got cfg.ensemble={c.ensemble} (use "
+                             "CriticEnsemble or train_critic for several)")
         if c.backup_actions > 0 and c.backup_proposals == "grid" and act_dim != 1:
             raise ValueError(f"backup_proposals='grid' needs one action dimension, got "
                              f"act_dim={act_dim} (use backup_proposals='batch')")
@@ -613,7 +616,11 @@ def load_critic(directory: str | Path, device: str | torch.device = "cpu"
                 ) -> IQLCritic | CriticEnsemble:
     """The critic saved in ``directory``, one :class:`IQLCritic` or a :class:`CriticEnsemble`
     (by the ``kind`` of its ``config.json``), in eval mode on ``device``."""
-    config, _ = load_model_files(directory, device="cpu")
+    # only config.json here: the class's load reads the weights, once
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    config = read_json(Path(directory) / CONFIG,
+                       f"{directory} has no {CONFIG}: not a diffalign checkpoint")
     kind = config.get("kind") if isinstance(config, dict) else None
     if kind not in CRITIC_CLASSES:
         raise CheckpointError(f"{directory}: config.json has kind {kind!r}, expected one of "
