@@ -270,6 +270,7 @@ def test_checkpoint_errors_name_the_path(tmp_path):
     ("reward_scale", 0.0), ("grad_clip", -1.0), ("seed", -1), ("fourier_features", -1),
     ("fourier_scale", 0.0), ("backup_actions", -1), ("backup_states", 0),
     ("backup_proposals", "uniform"), ("backup_select", "max"), ("ensemble", 0),
+    ("backup_refine", -1),
 ])
 def test_bad_critic_config_names_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -331,6 +332,53 @@ def test_first_twin_selection_values_q1s_choice_by_the_min_of_the_twins():
         vals = torch.stack([c.q_target_min(obs, g.expand(8, 1)) for g in grid], 1)
     assert got16.dtype == torch.float32
     assert bool(((vals - got16[:, None]).abs() < 1e-6).any(1).all())
+
+
+@pytest.mark.parametrize("select", ["first", "min"])
+def test_refined_grid_backup_adds_a_fine_grid_around_each_states_best_by_hand(select):
+    c = _critic(backup_actions=4, backup_proposals="grid", backup_select=select,
+                backup_refine=4)
+    with torch.no_grad():  # make the twins disagree
+        for p in c.q2_target.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    b = _batch(8)
+    obs, act = b["observations"], b["actions"]
+    lo, hi = float(act.min()), float(act.max())
+    grid = torch.linspace(lo, hi, 4)
+    cell = (hi - lo) / 3
+
+    def score(o, a):
+        if select == "first":
+            return c.q1_target(c._sa(o, a)).squeeze(-1)
+        return c.q_target_min(o, a)
+
+    want = []
+    with torch.no_grad():
+        for i in range(8):
+            o = obs[i:i + 1]
+            s = [float(score(o, g.view(1, 1))) for g in grid]
+            best = float(grid[max(range(4), key=s.__getitem__)])
+            fine = [min(max(best + f * cell, lo), hi) for f in (-1, -1 / 3, 1 / 3, 1)]
+            cands = [float(g) for g in grid] + fine
+            s += [float(score(o, torch.tensor([[a]]))) for a in fine]
+            j = max(range(8), key=s.__getitem__)
+            want.append(float(c.q_target_min(o, torch.tensor([[cands[j]]]))) if select == "first"
+                        else s[j])
+        got = c.max_q_target(obs, act)
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-5, atol=1e-5)
+    # the refined max is never below the coarse grid's
+    coarse = _critic(backup_actions=4, backup_proposals="grid", backup_select="min")
+    coarse.load_state_dict(c.state_dict())
+    if select == "min":
+        with torch.no_grad():
+            assert bool((got >= coarse.max_q_target(obs, act) - 1e-6).all())
+
+
+def test_backup_refine_needs_a_grid():
+    with pytest.raises(ValueError, match="backup_refine"):
+        CriticConfig(backup_actions=8, backup_refine=8)  # batch proposals
+    with pytest.raises(ValueError, match="backup_refine"):
+        CriticConfig(backup_actions=1, backup_proposals="grid", backup_refine=8)
 
 
 def test_grid_backup_refuses_more_than_one_action_dimension():

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from diffalign.cli import main
+from diffalign.commands.run import CRITIC_BACKUP, CRITIC_HIDDEN
 
 STAGE_KEYS = {"name", "return_mean", "return_std", "normalized", "coherency", "entropy",
               "candidates", "denoise_steps", "wall_s"}
@@ -48,9 +49,9 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     found = json.loads((out / "foundation" / "config.json").read_text())
     assert found["spec"]["state_cond"] is True
     crit = json.loads((out / "critic" / "config.json").read_text())
-    assert crit["config"]["backup_actions"] == 32
-    assert crit["config"]["backup_proposals"] == "grid"
-    assert crit["config"]["backup_states"] == 256
+    for k, v in CRITIC_BACKUP.items():
+        assert crit["config"][k] == v
+    assert crit["config"]["hidden"] == CRITIC_HIDDEN
     # the quick preset trains two critics (the default one): the ensemble runs end to end
     assert crit["kind"] == "iql_critic_ensemble" and crit["config"]["ensemble"] == 2
     assert report["critic_ensemble"] == 2 and report["critic_steps"] == 800

@@ -407,3 +407,24 @@ def test_without_tensorboard_writes_jsonl_and_warns_once(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit(nn.Linear(4, 2), regression_loss, cfg(steps=5), tmp_path / "b")
+
+
+def test_adam_is_fused_on_cpu_and_updates_like_the_plain_one():
+    from diffalign.train.trainer import adam
+
+    torch.manual_seed(0)
+    a = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(3))]
+    b = [nn.Parameter(p.detach().clone()) for p in a]
+    fused = adam(a, lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    assert isinstance(adam(a, lr=1e-2), torch.optim.Adam)
+    assert not isinstance(adam(a, lr=1e-2), torch.optim.AdamW)
+    for _ in range(5):
+        g = [torch.randn_like(p) for p in a]
+        for p, q, gi in zip(a, b, g):
+            p.grad, q.grad = gi.clone(), gi.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

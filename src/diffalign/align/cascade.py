@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..nets import build_backbone
 from ..processes import Inpaint
+from ..train.trainer import adam
 from .common import AlignSetup, expand_condition, validation_reward
 
 __all__ = ["CascadeConfig", "CascadeModel", "build_refiner", "cascade_pairs",
@@ -192,7 +193,7 @@ def train_cascade(setup: AlignSetup, net: nn.Module, cfg: CascadeConfig, seed: i
     model = setup.model
     gen = torch.Generator().manual_seed(seed)
     refiner = build_refiner(model, net, warm_start=cfg.warm_start)
-    opt = torch.optim.Adam(refiner.parameters(), lr=cfg.lr)
+    opt = adam(refiner.parameters(), lr=cfg.lr)
     best, best_state = -float("inf"), None
 
     def validate(r: int) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..processes import Inpaint
+from ..train.trainer import adam
 
 __all__ = ["AdapterMethod", "AlignSetup", "MethodConfig", "condition_pool", "diversity_bonus",
            "expand_condition", "fraction_below", "freeze", "outside_support",
@@ -100,7 +101,7 @@ class AdapterMethod:
         if not self.params:
             raise ValueError(f"{self.name} needs a LoRA-wrapped net (no trainable adapter "
                              "parameters)")
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
+        self.optimizer = adam(self.params, lr=cfg.lr)
 
 
 @dataclass

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..train.trainer import adam
 from .common import AlignSetup, freeze
 
 __all__ = ["OnlineConfig", "OnlineTuner", "history_states"]
@@ -78,7 +79,7 @@ class OnlineTuner:
         self.buffer = transitions_from_episodes(episodes, self.timeouts_as_terminals)
         self.offline_size = len(self.buffer["rewards"])
         self.params = critic.trainable_parameters()
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.critic_lr)
+        self.optimizer = adam(self.params, lr=cfg.critic_lr)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.rounds = 0
 

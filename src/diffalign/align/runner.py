@@ -82,12 +82,13 @@ class AlignResult:
 
 def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None = None,
           on_stage_end=None, progress: bool = True, merge: bool = False,
-          make_env=None) -> AlignResult:
+          make_env=None, on_update=None) -> AlignResult:
     """Run the alignment sequence (and the cascade) on ``model`` against ``critic``.
 
     With ``cfg.online`` the critic is fine-tuned in place on rollouts in ``make_env()``
     environments (default: the environment of the model's task). ``on_stage_end(stage, net)``
-    is called after each stage with the LoRA-wrapped net set to that stage's best adapter.
+    is called after each stage with the LoRA-wrapped net set to that stage's best adapter,
+    ``on_update()`` before every update of the sequence.
     """
     freeze(model)
     freeze(critic)
@@ -110,7 +111,7 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
     stages, events, _ = run_sequence(setup, net, cfg.sequence,
                                      {"rl": cfg.rl, "dpo": cfg.dpo, "sft": cfg.sft},
                                      seed=cfg.seed, on_stage_end=stage_end,
-                                     progress=progress, online=online)
+                                     progress=progress, online=online, on_update=on_update)
     result = AlignResult(model=model, net=net, stages=stages, events=events,
                          reference_reward=ref_reward)
     if out_dir is not None:  # the adapter first: align.json below marks the run complete

@@ -92,7 +92,8 @@ def build_method(name: str, setup: AlignSetup, net, cfgs: dict, generator):
 
 def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None = None,
                  seed: int = 0, on_stage_end: Callable[[StageResult], None] | None = None,
-                 progress: bool = True, online=None
+                 progress: bool = True, online=None,
+                 on_update: Callable[[], None] | None = None
                  ) -> tuple[list[StageResult], list[dict], Guard]:
     """Run the sequence on the LoRA-wrapped ``net``; returns (stages, events, guard).
 
@@ -100,7 +101,9 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
     (e.g. to evaluate it in the environment). ``online`` (an
     :class:`~diffalign.align.online.OnlineTuner`) runs a round of rollouts and critic
     training every ``online.cfg.every`` updates; the guard is then re-based on the new
-    critic and each round is recorded as an event.
+    critic and each round is recorded as an event. ``on_update()`` is called before every
+    update (``run nav1d`` uses it to take back its second thread when its side process is
+    idle).
     """
     cfgs = cfgs or {}
     gen = torch.Generator().manual_seed(seed)
@@ -138,6 +141,8 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
             bar = tqdm(range(method.cfg.max_updates or seq.max_iters), desc=f"align/{name}",
                        disable=not progress, leave=False)
             for it in bar:
+                if on_update is not None:
+                    on_update()
                 stats = method.step()
                 reason = guard.loss_spiked(float(stats.get("loss", 0.0)))
                 if reason is None and (it + 1) % every == 0:

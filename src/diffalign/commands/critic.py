@@ -59,6 +59,9 @@ class CriticArgs:
     backup_select: Literal["min", "first"] = _DEFAULTS.backup_select
     """The max backup's choice: by min of the target twins, or by the first twin (half the
     cost; valued by the min)."""
+    backup_refine: int = _DEFAULTS.backup_refine
+    """With the grid: this many more actions across the two grid cells beside each state's
+    best grid action (a coarse-to-fine max; 0 = one grid)."""
     backup_bf16: bool = _DEFAULTS.backup_bf16
     """Evaluate the max backup's proposals in bfloat16."""
     gamma: float = _DEFAULTS.gamma
@@ -99,7 +102,7 @@ class CriticArgs:
             fourier_scale=self.fourier_scale, expectile=self.expectile,
             backup_actions=self.backup_actions, backup_states=self.backup_states,
             backup_proposals=self.backup_proposals, backup_select=self.backup_select,
-            backup_bf16=self.backup_bf16, gamma=self.gamma,
+            backup_refine=self.backup_refine, backup_bf16=self.backup_bf16, gamma=self.gamma,
             target_tau=self.target_tau, reward_scale=self.reward_scale,
             reward_bias=self.reward_bias, timeouts_as_terminals=self.timeouts_as_terminals,
             ensemble=self.ensemble, seed=self.seed, device=self.device)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from .run_jobs import SideJobs, critic_job, done, eval_job, greedy_job, net_state
+
 __all__ = ["PRESETS", "RunNav1DArgs", "bf16_is_fast", "critic_sizes", "critic_warnings",
            "run_nav1d"]
 
@@ -31,33 +33,41 @@ PRESETS: dict[str, dict] = {
                   eval_every=2, patience=2, passes=1, eval_episodes=8, ref_eval_episodes=4,
                   ref_candidates=64,
                   cascade_rounds=1, cascade_steps=10, conditions=128, val_conditions=32),
-    "default": dict(data_episodes=1000, foundation_steps=3000, critic_steps=6000, critic_ensemble=1,
-                    max_iters=120, rl_updates=100, rl_eval_every=10, dpo_updates=8, sft_rounds=24,
+    "default": dict(data_episodes=1000, foundation_steps=2500, critic_steps=4500, critic_ensemble=2,
+                    max_iters=120, rl_updates=50, rl_eval_every=10, dpo_updates=4, sft_rounds=20,
                     eval_every=4,
                     patience=10, passes=1, eval_episodes=64, ref_eval_episodes=16,
-                    ref_candidates=64, cascade_rounds=4, cascade_steps=25, conditions=4096,
+                    ref_candidates=64, cascade_rounds=2, cascade_steps=25, conditions=4096,
                     val_conditions=512),
     "paper": dict(data_episodes=1000, foundation_steps=10000, critic_steps=10000, critic_ensemble=2,
                   max_iters=240, eval_every=4, patience=10, passes=3, eval_episodes=200,
                   ref_eval_episodes=100, ref_candidates=64, cascade_rounds=10, cascade_steps=50,
                   conditions=8192, val_conditions=512),
 }
-"""Sizes of the run: quick (CI, about a minute), default (under 10 minutes on 2 CPU cores),
+"""Sizes of the run: quick (CI, about two minutes), default (under 10 minutes on 2 CPU cores),
 paper. ``critic_ensemble`` IQL critics are trained side by side for ``critic_steps`` each
 (``--critic-ensemble``, ``--critic-steps`` override them), and alignment and the best-of-n
 ranking use their mean Q. One critic's quality depends a lot on its seed (greedy policy of
 one 6000-step critic on nav1d/full: 94.0 / 91.9 / 91.3% of the optimum for seeds 0-2 on
-layout 0, 83.9 / 95.1 / 94.7% on layout 4); two critics of 4000 steps reached 93.1 / 92.3 /
-93.9 / 94.1 / 96.0 / 91.3% on layouts 0-5 (mean 93.5, worst 91.3; one critic of 6000
-steps, seed 0: mean 92.6, worst 83.9), but a joint step of two costs twice one critic's
-and the main job then took 10 min 24 s alone on 2 cores; with 3000 steps each (the time of
-one critic of 6000) they fell to 91.2 / 89.9 / 95.2 / 88.1% on layouts 0, 1, 4, 5, and with
-V's max backup on 128 states of each batch instead of 256 to 93.7 / 84.7 / 92.0 / 88.1%. So
-the default keeps one critic, and the paper preset (meant for a GPU) trains two.
+layout 0, 83.9 / 95.1 / 94.7% on layout 4); two critics of 4000 steps (width 256, grid of
+32) reached 93.1 / 92.3 / 93.9 / 94.1 / 96.0 / 91.3% on layouts 0-5 (session 13). On the
+AVX2 CPU of session 14 (no bfloat16 kernels) a step of those two took 144 ms, 3.5x the
+earlier machine's, so the default now trains two critics of width 128 (``CRITIC_HIDDEN``) with
+a refined grid (``CRITIC_BACKUP``) for 4500 steps, in the second process while the
+foundation trains (``run_jobs``): 42-45 ms a step on one thread, greedy policy 93.5% on
+layout 0 and 94.9% on layout 4 (one critic of width 256 and 3200 steps, the same time: 87.1
+and 94.6%).
 
 ``max_iters`` caps every method's updates per pass; ``rl_updates``, ``dpo_updates``
-and ``sft_rounds`` (where given) cap RL, DPO and SFT lower, to keep the default job under 10
-minutes; RL validates every ``rl_eval_every`` updates (its updates are cheap). In the
+and ``sft_rounds`` (where given) cap RL, DPO and SFT lower, to keep the default job near 10
+minutes; RL validates every ``rl_eval_every`` updates (its updates are cheap). The
+alignment's length decides its result: from one layout-0 foundation (3000 steps) and critic
+pair on the AVX2 CPU (alignment on one thread, % of the optimum after SFT / final, against
+the critic's best of 64 at 93.0%): SFT 24 rounds x 64 steps at batch 128 and RL 100 updates
+(session 13's schedule) 92.2 / 94.6%; SFT 16 x 48 and RL 70 84.7 / 90.9%; SFT 12 x 48 and
+RL 60 84.2 / 85.3%; SFT 24 x 64 and RL 50 89.7 / 95.0%, and the same at batch 64 89.9 /
+95.3% in 231 s of SFT instead of 287 s (the default since session 14, with 4 DPO updates and
+2 cascade rounds instead of 8 and 4, which changed nothing there). In the
 default job SFT with the critic's action search (``SFT_ACTION_SEARCH``) does most of the
 work and RL after it (``RL_AFTER_SFT``) the rest. ``conditions`` is the pool of dataset
 states the methods train on: with 512 of them SFT stopped at 78-80% of the optimum (layout
@@ -71,10 +81,13 @@ CRITIC_EXPECTILE = 0.95
 (argmax_a Q over 201 actions, 200 episodes) reached 77.5% of the optimum with IQL's usual 0.7
 and 3000 steps, 80.8% with 0.9 and 6000 steps, 81.2% with 0.95 and 6000; 0.97 (3000 steps)
 gave 75.5% and 0.99 (6000) 73.9%. Alignment cannot do better than its critic."""
-CRITIC_BACKUP = dict(backup_actions=32, backup_states=256, backup_proposals="grid",
-                     backup_select="first")
+CRITIC_BACKUP = dict(backup_actions=8, backup_refine=8, backup_states=256,
+                     backup_proposals="grid", backup_select="first")
 """Max backup of the run's critic on random-policy data (partial, full): V regresses onto
-max Q over an even grid of 32 actions across the data's range at every state of the batch
+max Q over an even grid of 8 actions across the data's range, refined by 8 more across the
+two cells beside the best of them (``CriticConfig.backup_refine``; since session 14: half the
+cost of the grid of 32 below, whose step took 89 ms of a critic's 24 ms without backup on
+the AVX2 CPU, 37 ms with the refined grid), at every state of the batch
 (``CriticConfig.backup_actions``), instead of the expectile; the first target twin chooses
 the action and the min of the twins values it, and the grid is evaluated in bfloat16 where
 that is fast (``backup_bf16``, see :func:`bf16_is_fast`). On nav1d/full, layout 0, 6000
@@ -97,11 +110,12 @@ to the next, so the other executed actions would be the data's random ones, unra
 T_a = 4 on nav1d/full (layout 0) the critic's best of 64 reached 61.6% of the optimum (the
 Diffuser's, executing one action, 89.5%) and RL 39.7%."""
 SFT_ACTION_SEARCH = dict(action_proposals=201, candidates=1, states_per_round=128, epochs=64,
-                         batch_size=128, lr=2e-3, replay=4096)
+                         batch_size=64, lr=2e-3, replay=4096)
 """SFT settings of the run on random-policy data (partial, full), where the critic has seen
 every action: each round's winners take the critic's best of 201 evenly spaced first actions,
 in-painted by the model (``SFTConfig.action_proposals``), and the adapter trains on the last
-4096 winners. The winner is then the critic's argmax, not the best of a few samples."""
+4096 winners (64 steps of 64 per round; 128 until session 13). The winner is then the
+critic's argmax, not the best of a few samples."""
 RL_AFTER_SFT = dict(lr=1e-3, kl_coef=0.0, states_per_iter=256, group_size=1)
 """RL settings of the run on random-policy data (partial, full), where RL comes last (the
 default ``--methods dpo,sft,rl``): QV-PG, the critic's gradient through the last 3 denoising
@@ -116,6 +130,10 @@ lr 1e-3 fell to 91.1% on layout 0, so the larger rate needs the larger batch. Gr
 through the last 10 steps instead of 3 gave 94.3 / 93.4% at lr 3e-4, at 1.3x the time. Run
 first, from the reference (session 10's order rl,dpo,sft), QV-PG reached 48-60% and SFT then
 redid its work."""
+CRITIC_HIDDEN = 128
+"""Width of the run's critic MLPs (256 until session 13). A step of one width-128 critic with
+the refined grid took 20 ms against 57 ms at width 256 (one thread, AVX2 CPU), which is what
+lets two critics train within the foundation's time (see ``PRESETS``)."""
 CRITIC_DEPTH = 3
 """Hidden layers of the run's critic MLPs. With expectile 0.95 and 6000 steps on nav1d/full
 the greedy policy reached 81.2% with 2 layers, 85.6% and 84.7% (two seeds) with 3, 84.3%
@@ -173,9 +191,8 @@ class RunNav1DArgs:
     model join the critic's buffer and the critic trains 200 more steps (OUT/align/
     critic_online/). Off by default: the paper's setting is offline."""
     critic_ensemble: int | None = None
-    """IQL critics trained side by side, their mean Q used (default from the preset: 1, 2 for
-    paper). Two critics of 4000 steps (`--critic-ensemble 2 --critic-steps 4000`) gave a
-    steadier critic across layouts than one of 6000, at 1.5x its time."""
+    """IQL critics trained side by side, their mean Q used (default from the preset: 2). One
+    critic's quality depends much on its seed; the mean of two is steadier across layouts."""
     critic_steps: int | None = None
     """Training steps of each critic (default from the preset)."""
     eval_episodes: int | None = None
@@ -186,6 +203,10 @@ class RunNav1DArgs:
     """Torch device: cpu, cuda or auto."""
     progress: bool = True
     """Show progress bars."""
+    parallel: bool = True
+    """On a CPU, use a second process (one torch thread each): the critic trains beside the
+    foundation and each stage is evaluated beside the alignment (see ``run_jobs``).
+    ``--no-parallel`` runs everything here, one step after another."""
 
     def __post_init__(self):
         from ..align.sequence import METHODS
@@ -222,17 +243,7 @@ def critic_sizes(args: RunNav1DArgs) -> tuple[int, int]:
 
 def run_nav1d(args: RunNav1DArgs) -> dict:
     """Run every step (skipping finished ones) and write the report; returns report.json."""
-    import torch
-
-    from ..align.lora import merged_copy
-    from ..align.runner import AlignConfig, align
-    from ..align.sequence import SequenceConfig
-    from ..commands.train import TrainArgs, train_model
     from ..data.nav1d_datasets import plot_nav1d_dataset, write_nav1d_hdf5
-    from ..eval.evaluate import evaluate
-    from ..models.base import ControlModel
-    from ..models.critic import CriticConfig, load_critic, train_critic
-    from ..report.nav1d_report import write_report
     from ..tasks import resolve_task
 
     P = PRESETS[args.preset]
@@ -258,9 +269,49 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
          f"{float(task.episodes.returns().mean()):.2f}, optimum {task.ref_max:.2f}) -> {data_file}")
     timings["data"] = time.perf_counter() - t0
 
-    # 2. foundation
+    from ..train.trainer import resolve_device
+
+    with SideJobs(args.parallel and resolve_device(args.device).type == "cpu") as jobs:
+        return _pipeline(args, P, out, task, task_name, timings, jobs)
+
+
+def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timings: dict,
+              jobs: SideJobs) -> dict:
+    """Steps 2-6 of :func:`run_nav1d`; ``jobs`` runs the critic and the evaluations."""
+    import torch
+
+    from ..align.lora import merged_copy
+    from ..align.runner import AlignConfig, align
+    from ..align.sequence import SequenceConfig
+    from ..commands.train import TrainArgs, train_model
+    from ..eval.evaluate import evaluate
+    from ..models.base import ControlModel
+    from ..models.critic import CriticConfig, load_critic
+    from ..report.nav1d_report import write_report
+
+    # 2-3. critic (in the side process) beside the foundation (here)
+    # partial and full are random-policy data: every action was tried everywhere
+    covered = args.dataset != "expert"
+    cdir, fdir = out / "critic", out / "foundation"
+    critic_trained = not (cdir / "config.json").exists()
+    t_critic = time.perf_counter()
+    if critic_trained:
+        backup = (dict(CRITIC_BACKUP, backup_bf16=bf16_is_fast(args.device))
+                  if covered else {})
+        n_critics, critic_steps = critic_sizes(args)
+        _log(f"critic: training {n_critics} IQL critic{'s' if n_critics > 1 else ''} for "
+             f"{critic_steps} steps"
+             + (f" (max backup over a grid of {backup['backup_actions']}+"
+                f"{backup['backup_refine']} actions)" if backup else "")
+             + (" in a second process, beside the foundation" if jobs.enabled else ""))
+        ccfg = CriticConfig(steps=critic_steps, seed=args.seed, expectile=CRITIC_EXPECTILE,
+                            depth=CRITIC_DEPTH, hidden=CRITIC_HIDDEN, ensemble=n_critics,
+                            device=args.device, **backup)
+        critic_future = jobs.submit(critic_job, task_name,
+                                    dict(layout_seed=args.layout_seed,
+                                         episodes=P["data_episodes"], seed=args.seed),
+                                    ccfg, str(cdir))
     t0 = time.perf_counter()
-    fdir = out / "foundation"
     if (fdir / "config.json").exists():
         model = ControlModel.load(fdir, device=args.device)
         _log(f"foundation: loaded {fdir}")
@@ -276,87 +327,84 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
         _log(f"foundation: training {args.model}/{args.process} for {targs.steps} steps")
         model, _, _ = train_model(targs)
     foundation_s = _remember(out, "foundation_train_s", time.perf_counter() - t0, trained)
-
-    # 3. critic
-    # partial and full are random-policy data: every action was tried everywhere
-    covered = args.dataset != "expert"
-    t0 = time.perf_counter()
-    cdir = out / "critic"
-    trained = not (cdir / "config.json").exists()
-    if not trained:
-        critic = load_critic(cdir, device=args.device)
-        _log(f"critic: loaded {cdir}")
+    if critic_trained:
+        if jobs.enabled:
+            _log("critic: waiting for the second process")
+        critic_s = critic_future.result()
     else:
-        backup = (dict(CRITIC_BACKUP, backup_bf16=bf16_is_fast(args.device))
-                  if covered else {})
-        n_critics, critic_steps = critic_sizes(args)
-        _log(f"critic: training {n_critics} IQL critic{'s' if n_critics > 1 else ''} for "
-             f"{critic_steps} steps"
-             + (f" (max backup over a grid of {backup['backup_actions']} actions)"
-                if backup else ""))
-        critic = train_critic(task.episodes, CriticConfig(steps=critic_steps, seed=args.seed,
-                                                          expectile=CRITIC_EXPECTILE,
-                                                          depth=CRITIC_DEPTH,
-                                                          ensemble=n_critics,
-                                                          device=args.device, **backup),
-                              out_dir=cdir, progress=args.progress)
-    _remember(out, "critic_train_s", time.perf_counter() - t0, trained)
-    from .critic import nav1d_greedy_return
-
-    ceiling = nav1d_greedy_return(critic, args.layout_seed)
-    _log(f"critic: its greedy policy reaches {ceiling['greedy_normalized']:.1f}% of the "
-         "optimum (the ceiling of a one-candidate policy aligned to it)")
+        critic_s = time.perf_counter() - t_critic
+    critic = load_critic(cdir, device=args.device)
+    _log(f"critic: {'trained' if critic_trained else 'loaded'} {cdir}")
+    _remember(out, "critic_train_s", critic_s, critic_trained)
+    greedy = jobs.submit(greedy_job, str(cdir), args.layout_seed)
 
     episodes = args.eval_episodes or P["eval_episodes"]
+    pending: list[list] = []  # [name, candidates, wall_s, future, same_as], in stage order
+    evaluated: dict[str, str] = {}  # adapter fingerprint -> stage that had it
     stages: list[dict] = []
-    evaluated: dict[str, Path] = {}  # adapter fingerprint -> eval dir of a stage that had it
 
-    def run_eval(name: str, m, candidates: int, wall_s: float, n_episodes: int | None = None,
-                 adapter: bool = False, net=None) -> dict:
+    def run_eval(name: str, candidates: int, wall_s: float, n_episodes: int | None = None,
+                 net=None, model_obj=None) -> None:
+        """Evaluate a stage: the foundation (``net`` None), the foundation with an aligned
+        ``net``'s weights (in the side process), or another model (``model_obj``, here)."""
         edir = out / "eval" / name
         cached = edir / "eval.json"
-        key = adapter_fingerprint(m.net) if adapter else None
+        key = adapter_fingerprint(net) if net is not None else None
+        same_as = None
         if cached.exists():
-            res = json.loads(cached.read_text())
+            fut = done(json.loads(cached.read_text()))
         elif key in evaluated:
             # the stage kept the adapter of an earlier stage (no update beat it): same
-            # model, same seed, same rollouts -- copy that evaluation instead of repeating it
-            from ..atomic import write_json
-
-            same = evaluated[key]
-            res = {**json.loads((same / "eval.json").read_text()), "same_model_as": same.name}
-            if (same / "eval.png").exists():
-                edir.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(same / "eval.png", edir / "eval.png")
-            write_json(cached, res)
+            # model, same seed, same rollouts -- that evaluation is copied at the end
+            fut, same_as = None, evaluated[key]
         else:
-            # a LoRA net samples faster with its adapter folded into a copy
-            res = evaluate(m, critic=critic, episodes=n_episodes or episodes,
-                           candidates=candidates, out_dir=edir, seed=args.seed,
-                           device=args.device, net=merged_copy(net))
+            kw = dict(episodes=n_episodes or episodes, candidates=candidates,
+                      out_dir=str(edir), seed=args.seed, device=args.device)
+            if model_obj is not None:
+                fut = done(evaluate(model_obj, critic=critic, **kw))
+            else:
+                # the adapter folded into a plain copy of the net: faster to sample
+                state = None if net is None else net_state(merged_copy(net))
+                fut = jobs.submit(eval_job, str(fdir), str(cdir), state, **kw)
         if key is not None:
-            evaluated.setdefault(key, edir)
-        row = {"name": name, "return_mean": res["return_mean"], "return_std": res["return_std"],
-               "normalized": res["normalized"], "coherency": res["coherency"],
-               "entropy": res["entropy"], "candidates": candidates,
-               "denoise_steps": res["steps"], "wall_s": wall_s,
-               "eval_s": res.get("wall_seconds"), "eval_episodes": res.get("episodes"),
-               "returns": res.get("returns"),
-               "picture": str(edir / "eval.png")}
-        stages.append(row)
-        _log(f"stage {name}: return {row['return_mean']:.2f} ± {row['return_std']:.2f} "
-             f"({row['normalized']:.1f}% of optimum), coherency {_fmt(row['coherency'])}, "
-             f"entropy {_fmt(row['entropy'])}")
-        return row
+            evaluated.setdefault(key, name)
+        pending.append([name, candidates, wall_s, fut, same_as])
+        collect(wait=False)
+
+    def collect(wait: bool) -> None:
+        """Turn finished evaluations into report rows, in stage order."""
+        from ..atomic import write_json
+
+        while len(stages) < len(pending):
+            name, candidates, wall_s, fut, same_as = pending[len(stages)]
+            if same_as is not None:
+                edir, same = out / "eval" / name, out / "eval" / same_as
+                res = {**json.loads((same / "eval.json").read_text()), "same_model_as": same_as}
+                if (same / "eval.png").exists():
+                    edir.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(same / "eval.png", edir / "eval.png")
+                write_json(edir / "eval.json", res)
+            elif wait or fut.done():
+                res = fut.result()
+            else:
+                return
+            row = {"name": name, "return_mean": res["return_mean"],
+                   "return_std": res["return_std"], "normalized": res["normalized"],
+                   "coherency": res["coherency"], "entropy": res["entropy"],
+                   "candidates": candidates, "denoise_steps": res["steps"], "wall_s": wall_s,
+                   "eval_s": res.get("wall_seconds"), "eval_episodes": res.get("episodes"),
+                   "returns": res.get("returns"),
+                   "picture": str(out / "eval" / name / "eval.png")}
+            stages.append(row)
+            _log(f"stage {name}: return {row['return_mean']:.2f} ± {row['return_std']:.2f} "
+                 f"({row['normalized']:.1f}% of optimum), coherency {_fmt(row['coherency'])}, "
+                 f"entropy {_fmt(row['entropy'])}")
 
     # 4. reference stages
-    run_eval("reference", model, 1, foundation_s)
+    run_eval("reference", 1, foundation_s)
     # best-of-N is N times dearer per decision: evaluated on fewer episodes
-    run_eval(f"reference@{P['ref_candidates']}", model, P["ref_candidates"], foundation_s,
+    run_eval(f"reference@{P['ref_candidates']}", P["ref_candidates"], foundation_s,
              n_episodes=min(episodes, P["ref_eval_episodes"]))
-    warnings = critic_warnings(stages[0], stages[1])
-    for w in warnings:
-        _log(f"warning: {w['reason']}")
 
     # 5. alignment sequence (+ cascade)
     seq = SequenceConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
@@ -395,20 +443,26 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
                                                                          args.cascade)
         _log(f"alignment: loaded {adir}")
         for name, wall in stage_walls:
-            run_eval(name, model, 1, wall)  # their eval.json are there from the first run
+            run_eval(name, 1, wall)  # their eval.json are there from the first run
         if cascade_model is not None:
-            run_eval("cascade", cascade_model, 1, cascade_s)
+            run_eval("cascade", 1, cascade_s, model_obj=cascade_model)
         align_train_s = sum(w for _, w in stage_walls) + cascade_s
     else:
         result = align(model, critic, task.episodes, acfg, out_dir=adir,
-                       on_stage_end=lambda st, net: run_eval(st.name, model, 1, st.wall_s,
-                                                            adapter=True, net=net),
-                       progress=args.progress, make_env=task.make_env)
+                       on_stage_end=lambda st, net: run_eval(st.name, 1, st.wall_s, net=net),
+                       progress=args.progress, make_env=task.make_env, on_update=jobs.poll)
         if result.cascade is not None:
-            run_eval("cascade", result.cascade.merged(), 1, result.cascade_wall_s)
+            run_eval("cascade", 1, result.cascade_wall_s, model_obj=result.cascade.merged())
         events = result.events
         align_train_s = sum(st.wall_s for st in result.stages) + result.cascade_wall_s
+    collect(wait=True)
     timings["alignment"] = time.perf_counter() - t_align
+    ceiling = greedy.result()
+    _log(f"critic: its greedy policy reaches {ceiling['greedy_normalized']:.1f}% of the "
+         "optimum (the ceiling of a one-candidate policy aligned to it)")
+    warnings = critic_warnings(stages[0], stages[1])
+    for w in warnings:
+        _log(f"warning: {w['reason']}")
 
     report = {
         "task": task_name, "dataset": args.dataset, "model": args.model,

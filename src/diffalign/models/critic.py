@@ -136,6 +136,12 @@ class CriticConfig:
     """How the max backup picks its action: "min" = the max over the K actions of
     ``min(Q̄_1, Q̄_2)``; "first" = the action with the largest ``Q̄_1`` (half the cost),
     valued by ``min(Q̄_1, Q̄_2)`` there (the double-Q split of choosing and valuing)."""
+    backup_refine: int = 0
+    """With the "grid" proposals: after the grid, this many more actions evenly spaced across
+    the two grid cells beside the grid action of largest ``Q̄_1`` (or ``min(Q̄_1, Q̄_2)`` with
+    ``backup_select="min"``), one such second grid per state; the max then runs over both. A
+    coarse grid of 8 and a fine one of 8 (16 evaluations per state) resolve the action as
+    finely as an even grid of 25 at half the cost of a grid of 32. 0 = one grid."""
     backup_bf16: bool = False
     """Evaluate the K proposals in bfloat16 (autocast): about 2.5× faster matmuls on CPUs
     with AVX512-BF16 and on GPUs. The chosen action is then valued in float32."""
@@ -200,13 +206,16 @@ class CriticConfig:
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name,
                  "an integer >= 1")
         for name in ("warmup_steps", "seed", "ckpt_every", "fourier_features",
-                     "backup_actions"):
+                     "backup_actions", "backup_refine"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name,
                  "an integer >= 0")
         need(self.backup_proposals in ("batch", "grid"), "backup_proposals",
              "'batch' or 'grid'")
         need(self.backup_select in ("min", "first"), "backup_select", "'min' or 'first'")
+        need(self.backup_refine == 0 or (self.backup_proposals == "grid"
+                                         and self.backup_actions >= 2), "backup_refine",
+             "0 unless backup_proposals='grid' with backup_actions >= 2")
         need(self.fourier_scale > 0.0 and math.isfinite(self.fourier_scale), "fourier_scale",
              "> 0")
         need(0.0 < self.expectile < 1.0, "expectile", "in (0, 1)")
@@ -466,7 +475,8 @@ class IQLCritic(nn.Module):
 
         The proposals (``cfg.backup_proposals``) are the first K rows of ``act`` (a batch
         drawn at random from the data, so draws of its action marginal) or K evenly spaced
-        actions between the batch's smallest and largest. With ``backup_select="first"`` the
+        actions between the batch's smallest and largest, then ``cfg.backup_refine`` more across
+        the cells beside each state's best grid action. With ``backup_select="first"`` the
         action is chosen by ``Q̄_1`` and valued by ``min(Q̄_1, Q̄_2)``."""
         cfg = self.cfg
         b = obs.shape[0]
@@ -476,16 +486,31 @@ class IQLCritic(nn.Module):
             pick = lo + frac[:, None] * (hi - lo)
         else:
             pick = act[:min(cfg.backup_actions, act.shape[0])]
-        k = pick.shape[0]
-        sa = self._sa(obs.repeat_interleave(k, 0), pick.repeat(b, 1))
-        with torch.autocast(sa.device.type, dtype=torch.bfloat16, enabled=cfg.backup_bf16):
-            if cfg.backup_select == "first":
-                chosen = pick[self.q1_target(sa).float().view(b, k).argmax(1)]
+        cand = pick.expand(b, *pick.shape)  # (b, k, act_dim)
+        score = self._backup_scores(obs, cand)
+        if cfg.backup_refine > 0:
+            cell = (hi - lo) / (cfg.backup_actions - 1)
+            centre = cand[torch.arange(b, device=obs.device), score.argmax(1)]  # (b, act_dim)
+            off = torch.linspace(-1, 1, cfg.backup_refine, device=act.device, dtype=act.dtype)
+            fine = torch.minimum(torch.maximum(centre[:, None] + off[:, None] * cell, lo), hi)
+            cand = torch.cat([cand, fine], 1)
+            score = torch.cat([score, self._backup_scores(obs, fine)], 1)
+        if cfg.backup_select == "first":
+            chosen = cand[torch.arange(b, device=obs.device), score.argmax(1)]
+            return self.q_target_min(obs, chosen)
+        return score.max(1).values
+
+    def _backup_scores(self, obs: Tensor, cand: Tensor) -> Tensor:
+        """The max backup's selection scores of candidate actions ``cand (B, K, act_dim)``
+        at ``obs (B, obs_dim)``: ``Q̄_1`` ("first") or ``min(Q̄_1, Q̄_2)`` ("min"), (B, K)."""
+        b, k = cand.shape[:2]
+        sa = self._sa(obs.repeat_interleave(k, 0), cand.reshape(b * k, -1))
+        with torch.autocast(sa.device.type, dtype=torch.bfloat16, enabled=self.cfg.backup_bf16):
+            if self.cfg.backup_select == "first":
+                q = self.q1_target(sa)
             else:
                 q = torch.minimum(self.q1_target(sa), self.q2_target(sa))
-        if cfg.backup_select == "first":
-            return self.q_target_min(obs, chosen)
-        return q.float().view(b, k).max(1).values
+        return q.float().view(b, k)
 
     @torch.no_grad()
     def update_target(self, tau: float | None = None) -> None:

@@ -49,10 +49,27 @@ from .distributed import (
 from .ema import EMA
 from .logging import MetricLogger
 
-__all__ = ["FitResult", "LossFn", "TrainConfig", "fit", "load_train_state", "lr_factor",
-           "resolve_device", "save_train_state"]
+__all__ = ["FitResult", "LossFn", "TrainConfig", "adam", "fit", "load_train_state",
+           "lr_factor", "resolve_device", "save_train_state"]
 
 LossFn = Callable[[nn.Module, int, torch.Generator], dict[str, Tensor]]
+
+
+def adam(params: Iterable[nn.Parameter], lr: float, weight_decay: float | None = None
+         ) -> torch.optim.Optimizer:
+    """Adam (AdamW when ``weight_decay`` is given) with torch's fused kernel wherever the
+    parameters allow it (floating point, all on CPU or all on one CUDA device), else the
+    default implementation. Same update either way; the fused one is one kernel call instead
+    of a dozen small ops per parameter: on the 2-core CPU of the README's figures an AdamW
+    step of the 263k-parameter foundation U-Net took 14.3 ms unfused and 2.0 ms fused (a
+    fifth of its 74 ms training step)."""
+    params = list(params)
+    types = {p.device.type for p in params}
+    fused = (len(types) == 1 and types <= {"cpu", "cuda"}
+             and all(p.is_floating_point() for p in params))
+    if weight_decay is None:
+        return torch.optim.Adam(params, lr=lr, fused=fused or None)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 STATE_DIR = "train_state"
 STATE_JSON = "state.json"
@@ -360,7 +377,7 @@ def _fit(model, loss_fn, cfg, out, save_fn, params, after_step, log_prefix,
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     if not params:
         raise ValueError("fit: no trainable parameters (all have requires_grad=False)")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
