@@ -61,11 +61,28 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
         ev = json.loads((out / "eval" / s["name"] / "eval.json").read_text())
         if "same_model_as" in ev:
             assert s["return_mean"] == by_name[ev["same_model_as"]]["return_mean"]
+    # every stage was evaluated: no stage weights are left behind
+    assert not list((out / "eval").glob("*/weights.safetensors"))
     capsys.readouterr()
     # a second run finds everything on disk and only rewrites the report
     assert main(args) == 0
     log = capsys.readouterr().out
     assert "foundation: loaded" in log and "critic: loaded" in log
+    # killed before the last stage's evaluation (in the side process) was written: the run
+    # evaluates it again from the stage's weights, to the same result
+    _kill_last_stage_evaluation(out)
+    assert main(args) == 0
+    again = json.loads((out / "report.json").read_text())
+    # (the adapter read back from disk merges to the same weights up to float rounding)
+    assert [s["return_mean"] for s in again["stages"]] == pytest.approx(
+        [s["return_mean"] for s in report["stages"]], rel=1e-5)
+    assert not (out / "eval" / "rl" / "weights.safetensors").exists()
+    # without those weights the stage's adapter is gone: a clear error, not a wrong number
+    (out / "eval" / "rl" / "eval.json").unlink()
+    assert main(args) == 2
+    assert "'rl'" in capsys.readouterr().err
+    _kill_last_stage_evaluation(out)
+    assert main(args) == 0
     # the alignment-gap benchmark reads the run: both tables, best-of-N never below its
     # own first sample
     gap = _load_benchmark("alignment_gap")
@@ -77,6 +94,18 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     for r in rows:
         q_best, q_ref = float(r[4]), float(r[5])
         assert q_best >= q_ref - 1e-4
+
+
+def _kill_last_stage_evaluation(out):
+    """The state a kill leaves while RL's evaluation runs: RL's merged weights on disk (RL
+    is the last stage, so its adapter is the saved one), no eval.json."""
+    from diffalign.align.lora import load_adapter, merged_copy
+    from diffalign.commands.run_jobs import save_stage_weights
+    from diffalign.models.base import ControlModel
+
+    net = load_adapter(ControlModel.load(out / "foundation").net, out / "align" / "adapter")
+    (out / "eval" / "rl" / "eval.json").unlink(missing_ok=True)
+    save_stage_weights(merged_copy(net), out / "eval" / "rl" / "weights.safetensors")
 
 
 def _load_benchmark(name):

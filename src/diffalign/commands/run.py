@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from .run_jobs import SideJobs, critic_job, done, eval_job, greedy_job, net_state
+from .run_jobs import SideJobs, critic_job, done, eval_job, greedy_job, save_stage_weights
 
 __all__ = ["PRESETS", "RunNav1DArgs", "bf16_is_fast", "critic_sizes", "critic_warnings",
            "run_nav1d"]
@@ -75,6 +75,9 @@ states the methods train on: with 512 of them SFT stopped at 78-80% of the optim
 validation reward that picks each stage's adapter: with 128 of them one layout-0 run kept an
 earlier SFT adapter at 87.3%; 512 picked one at 89.5%, and two other runs kept the same
 adapter either way (92.6%, 91.4%)."""
+
+STAGE_WEIGHTS = "weights.safetensors"
+"""An aligned stage's merged weights, in ``OUT/eval/<stage>/`` until the stage is evaluated."""
 
 CRITIC_EXPECTILE = 0.95
 """IQL expectile of the run's critic. On nav1d/full the greedy policy of the critic
@@ -348,9 +351,13 @@ def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timi
         """Evaluate a stage: the foundation (``net`` None), the foundation with an aligned
         ``net``'s weights (in the side process), or another model (``model_obj``, here)."""
         edir = out / "eval" / name
-        cached = edir / "eval.json"
+        cached, weights = edir / "eval.json", edir / STAGE_WEIGHTS
         key = adapter_fingerprint(net) if net is not None else None
         same_as = None
+        if not cached.exists() and net is not None:
+            # kept until evaluated: a killed run evaluates the stage from them on resume
+            # (the adapter folded into a plain copy of the net: faster to sample)
+            save_stage_weights(merged_copy(net), weights)
         if cached.exists():
             fut = done(json.loads(cached.read_text()))
         elif key in evaluated:
@@ -363,9 +370,13 @@ def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timi
             if model_obj is not None:
                 fut = done(evaluate(model_obj, critic=critic, **kw))
             else:
-                # the adapter folded into a plain copy of the net: faster to sample
-                state = None if net is None else net_state(merged_copy(net))
-                fut = jobs.submit(eval_job, str(fdir), str(cdir), state, **kw)
+                if net is None and not name.startswith("reference"):
+                    if not weights.exists():
+                        raise FileNotFoundError(
+                            f"stage {name!r} has neither {cached} nor {weights}: its adapter "
+                            f"is gone; delete {out / 'align'} to run the alignment again")
+                fut = jobs.submit(eval_job, str(fdir), str(cdir),
+                                  str(weights) if weights.exists() else None, **kw)
         if key is not None:
             evaluated.setdefault(key, name)
         pending.append([name, candidates, wall_s, fut, same_as])
@@ -384,8 +395,10 @@ def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timi
                     edir.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(same / "eval.png", edir / "eval.png")
                 write_json(edir / "eval.json", res)
+                (edir / STAGE_WEIGHTS).unlink(missing_ok=True)
             elif wait or fut.done():
                 res = fut.result()
+                (out / "eval" / name / STAGE_WEIGHTS).unlink(missing_ok=True)  # evaluated
             else:
                 return
             row = {"name": name, "return_mean": res["return_mean"],

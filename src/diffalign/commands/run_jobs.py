@@ -1,14 +1,16 @@
 """The jobs ``diffalign run nav1d`` runs in a second process, beside its main one.
 
-On a CPU the foundation's small U-Net gains little from a second torch thread (one train
-step: 64 ms on 2 threads, 74 ms on 1, and 72 ms each for two 1-thread processes at once on
-the README's 2 cores), so the run keeps both cores busy with two processes of one thread:
+On a CPU the foundation's small U-Net gains nothing from a second torch thread (one train
+step, ``benchmarks/main_job_parts.py``: 62 ms on 2 threads, 49 ms on 1, and 49 and 51 ms for
+two 1-thread processes at once on the README's 2 cores), so the run keeps both cores busy
+with two processes of one thread:
 the critic trains while the main process trains the foundation, and every stage is evaluated
 in the environment while the main process aligns. :class:`SideJobs` is that second process
 (or, with ``parallel=False`` or on a GPU, no process: each job then runs at once, in order).
 
-Jobs are module-level functions of plain arguments (paths, configs, numpy arrays), so they
-pickle; each reads what it needs from disk and writes its results where the serial run would.
+Jobs are module-level functions of plain arguments (paths and configs), so they pickle;
+each reads what it needs from disk (an aligned stage's weights too) and writes its results
+where the serial run would.
 """
 
 from __future__ import annotations
@@ -19,9 +21,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-__all__ = ["SideJobs", "critic_job", "eval_job", "greedy_job"]
+__all__ = ["SideJobs", "critic_job", "done", "eval_job", "greedy_job", "save_stage_weights"]
 
 
 def _one_thread() -> None:
@@ -128,21 +128,28 @@ def greedy_job(critic_dir: str, layout_seed: int) -> dict:
     return nav1d_greedy_return(load_critic(critic_dir), layout_seed)
 
 
-def eval_job(model_dir: str, critic_dir: str, state: dict[str, np.ndarray] | None,
-             **kwargs: Any) -> dict:
+def eval_job(model_dir: str, critic_dir: str, weights: str | None, **kwargs: Any) -> dict:
     """:func:`~diffalign.eval.evaluate.evaluate` of the saved model, with its network's
-    weights replaced by ``state`` (an aligned stage's merged weights) when given."""
-    import torch
-
+    weights replaced by the safetensors file ``weights`` (an aligned stage's merged weights,
+    see :func:`save_stage_weights`) when given."""
     from ..eval.evaluate import evaluate
     from ..models.base import ControlModel
+    from ..train.checkpoint import load_tensors
 
-    model = ControlModel.load(Path(model_dir), device=kwargs.get("device", "cpu"))
-    if state is not None:
-        model.net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    device = kwargs.get("device", "cpu")
+    model = ControlModel.load(Path(model_dir), device=device)
+    if weights is not None:
+        model.net.load_state_dict(load_tensors(weights, device=device))
     return evaluate(model, critic=critic_dir, **kwargs)
 
 
-def net_state(net) -> dict[str, np.ndarray]:
-    """``net``'s weights as numpy arrays (they pickle by value to the worker)."""
-    return {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
+def save_stage_weights(net, path: Path) -> Path:
+    """Write ``net``'s weights (a plain network: an aligned stage's adapter merged into a copy
+    of the reference) to ``path`` atomically, for :func:`eval_job`. The stage's evaluation
+    can then run later or elsewhere, and a killed run that finds the file but no
+    ``eval.json`` evaluates that stage again from it."""
+    from ..train.checkpoint import save_tensors
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors(path, net.state_dict())
+    return path
