@@ -9,6 +9,8 @@ run resumes (the trainers also resume mid-run from their ``train_state``)::
     OUT/critic/                               the IQL critic
     OUT/align/                                adapter, cascade, align.json
     OUT/eval/<stage>/eval.json (+ eval.png)   per-stage evaluation in the environment
+                                              (weights.safetensors: the stage's merged
+                                              weights, until it is evaluated)
     OUT/report.json, OUT/report.md, OUT/*.png
 """
 
