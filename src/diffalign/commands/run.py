@@ -299,7 +299,6 @@ def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timi
     covered = args.dataset != "expert"
     cdir, fdir = out / "critic", out / "foundation"
     critic_trained = not (cdir / "config.json").exists()
-    t_critic = time.perf_counter()
     if critic_trained:
         backup = (dict(CRITIC_BACKUP, backup_bf16=bf16_is_fast(args.device))
                   if covered else {})
@@ -336,9 +335,10 @@ def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timi
         if jobs.enabled:
             _log("critic: waiting for the second process")
         critic_s = critic_future.result()
-    else:
-        critic_s = time.perf_counter() - t_critic
+    t0 = time.perf_counter()
     critic = load_critic(cdir, device=args.device)
+    if not critic_trained:  # loaded: what _remember stores only if the first run did not
+        critic_s = time.perf_counter() - t0
     _log(f"critic: {'trained' if critic_trained else 'loaded'} {cdir}")
     _remember(out, "critic_train_s", critic_s, critic_trained)
     greedy = jobs.submit(greedy_job, str(cdir), args.layout_seed)

@@ -62,9 +62,7 @@ class SideJobs:
             fut = self._pool.submit(fn, *args, **kwargs)
             self._running.append(fut)
             return fut
-        fut: Future = Future()
-        fut.set_result(fn(*args, **kwargs))  # an error is raised here, at once
-        return fut
+        return done(fn(*args, **kwargs))  # an error is raised here, at once
 
     def poll(self) -> None:
         """Give this process back its torch threads when the worker has nothing to do (the
