@@ -7,6 +7,9 @@ Prints, per line, a median over ``--repeats`` steps (after warm-up):
 * one training step of the run's foundation (Diffuser, Nav1D, batch 64) on 1 and 2 torch
   threads, and on 1 thread while a second process runs the same step (the run's layout:
   foundation and critic side by side, see ``commands/run_jobs.py``);
+* one SFT training step of the LoRA-adapted foundation (winners of batch 64, min-SNR x0
+  loss, the adapter only) on 1 thread, with peft's LoRA forward and with the fused one
+  (``align.lora.fuse_lora_forward``);
 * one training step of the run's critic configurations on 1 and 2 threads: the max backup
   over a grid of 32 actions at width 256 (until session 13), the refined grid of 8 + 8,
   and the default: two critics of width 128 with the refined grid.
@@ -47,6 +50,45 @@ def foundation_step(repeats: int) -> float:
 
     def step():
         loss = model.loss(data.sample(64, gen), generator=gen)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return median_seconds(step, repeats, CPU)
+
+
+def lora_step(repeats: int, fused: bool) -> float:
+    """Median seconds of one SFT step of the adapted foundation (loss, backward, fused AdamW
+    over the adapter)."""
+    from peft.tuners.lora import layer as peft_layer
+
+    from diffalign.align.common import condition_pool, expand_condition, freeze
+    from diffalign.align.lora import add_lora, lora_parameters
+    from diffalign.models.registry import build_model
+    from diffalign.train.trainer import adam
+
+    torch.manual_seed(0)
+    model = build_model("diffuser", "ddpm", None, obs_dim=2, act_dim=1,
+                        state_cond=True, cond_fourier=COND_FOURIER)
+    episodes = _episodes()
+    model.make_dataset(episodes)  # fits the normalisers
+    freeze(model)
+    net = add_lora(model.net, r=8, alpha=16.0)
+    if not fused:
+        for m in net.modules():
+            for cls in (peft_layer.Conv1d, peft_layer.Linear):
+                if isinstance(m, cls):
+                    m.__class__ = cls
+    opt = adam(lora_parameters(net), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    states = condition_pool(episodes, model.spec.obs_history, 64, seed=0)
+    x = model.sample(states, n=1, generator=gen, net=net).x0
+    cond, inpaint, shape = expand_condition(model, states, 1)
+    known = inpaint.mask.expand(shape)
+
+    def step():
+        loss = model.process.min_snr_x0_loss(net, x, cond=cond, known=known, gamma=5.0,
+                                              generator=gen)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -114,6 +156,12 @@ def main() -> None:
             two = pool.map(_foundation_one_thread, [a.repeats, a.repeats])
         print(f"foundation train step, 1 thread, two processes at once: "
               f"{1e3 * two[0]:.1f} / {1e3 * two[1]:.1f} ms", flush=True)
+
+    torch.set_num_threads(1)
+    for fused in (False, True):
+        print(f"SFT step of the adapted foundation, 1 thread, "
+              f"{'fused LoRA forward' if fused else 'peft LoRA forward'}: "
+              f"{1e3 * lora_step(a.repeats, fused):.1f} ms", flush=True)
 
     grid32 = dict(CRITIC_BACKUP, backup_actions=32, backup_refine=0)
     for name, kw in (("width 256, grid of 32 (until session 13)", dict(grid32, hidden=256)),

@@ -145,3 +145,60 @@ def test_bad_rank_and_missing_adapter(tmp_path):
 
     with pytest.raises(CheckpointError, match="adapter"):
         load_adapter(_net("mlp"), tmp_path)
+
+
+def _peft_forward(lnet):
+    """Switch ``lnet``'s layers back to peft's own LoRA forward (in place)."""
+    from peft.tuners.lora import layer as peft_layer
+
+    from diffalign.align.lora import FusedLoraConv1d, FusedLoraLinear
+
+    for m in lnet.modules():
+        if type(m) is FusedLoraConv1d:
+            m.__class__ = peft_layer.Conv1d
+        elif type(m) is FusedLoraLinear:
+            m.__class__ = peft_layer.Linear
+    return lnet
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit", "mlp"])
+def test_fused_lora_forward_matches_peft_values_and_gradients(kind):
+    from diffalign.align.lora import FusedLoraConv1d, FusedLoraLinear, fuse_lora_forward
+
+    lnet = add_lora(_net(kind), r=4)
+    fused = [m for m in lnet.modules() if isinstance(m, (FusedLoraConv1d, FusedLoraLinear))]
+    assert len(fused) == len(lora_target_modules(_net(kind)))
+    _perturb(lnet)
+    x, t = _inputs()
+
+    def out_and_grads():
+        for p in lora_parameters(lnet):
+            p.grad = None
+        y = lnet(x, t)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), [p.grad.clone() for p in lora_parameters(lnet)]
+
+    y_fused, g_fused = out_and_grads()
+    _peft_forward(lnet)
+    y_peft, g_peft = out_and_grads()
+    torch.testing.assert_close(y_fused, y_peft, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_fused, g_peft, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4 * float(b.abs().max()), rtol=1e-3)
+    assert not torch.allclose(y_fused, net_out := _net(kind)(x, t).detach())  # adapted
+    fuse_lora_forward(lnet)
+    with torch.no_grad(), reference(lnet):  # adapter off: the plain net
+        torch.testing.assert_close(lnet(x, t), net_out, atol=1e-6, rtol=0)
+
+
+def test_fused_lora_forward_defers_to_peft_with_dropout():
+    from diffalign.align.lora import FusedLoraConv1d, _fusable
+
+    lnet = add_lora(_net("unet"), r=4, dropout=0.5)
+    conv = next(m for m in lnet.modules() if isinstance(m, FusedLoraConv1d))
+    assert not _fusable(conv, (), {})
+    lnet.eval()  # dropout off: peft's forward, same function
+    _perturb(lnet)
+    x, t = _inputs()
+    with torch.no_grad():
+        y = lnet(x, t)
+        torch.testing.assert_close(y, _peft_forward(lnet)(x, t), atol=1e-6, rtol=0)
