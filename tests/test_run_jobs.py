@@ -74,3 +74,52 @@ def test_poll_gives_the_threads_back_only_when_the_worker_is_idle():
         jobs.submit(os.getpid)
         jobs.poll()
         assert _threads() == 2
+
+
+_KILLED_MAIN = """
+import os, sys, time
+from diffalign.commands.run_jobs import SideJobs
+jobs = SideJobs(True)
+print(jobs.submit(os.getpid).result(), flush=True)
+jobs.submit(time.sleep, 120)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason="prctl is Linux-only")
+def test_worker_dies_with_a_main_process_killed_by_a_signal():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    main = subprocess.Popen([sys.executable, "-c", _KILLED_MAIN], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        worker = int(main.stdout.readline())
+        os.kill(worker, 0)  # alive, sleeping in its job
+        main.send_signal(signal.SIGKILL)  # no chance to stop its pool
+        main.wait(timeout=30)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break  # gone
+            if _is_zombie(worker):
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the worker outlived its killed main process")
+    finally:
+        if main.poll() is None:
+            main.kill()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False

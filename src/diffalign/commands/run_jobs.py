@@ -25,9 +25,33 @@ __all__ = ["SideJobs", "critic_job", "done", "eval_job", "greedy_job", "save_sta
 
 
 def _one_thread() -> None:
+    """The worker's initialiser: one torch thread, and no life beyond the main process's."""
     import torch
 
+    _die_with_parent()
     torch.set_num_threads(1)
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel send this process SIGTERM when the process that started it
+    dies (``prctl(PR_SET_PDEATHSIG)``): a main process killed by a signal, which cannot stop
+    its pool, then takes the worker with it instead of leaving it to finish its job alone.
+    Elsewhere nothing is done; the worker then ends after its current job."""
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the call above: nobody to signal us
+        os._exit(1)
 
 
 class SideJobs:
