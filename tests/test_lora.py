@@ -202,3 +202,13 @@ def test_fused_lora_forward_defers_to_peft_with_dropout():
     with torch.no_grad():
         y = lnet(x, t)
         torch.testing.assert_close(y, _peft_forward(lnet)(x, t), atol=1e-6, rtol=0)
+
+
+def test_fused_lora_forward_defers_to_peft_when_dtypes_differ():
+    from diffalign.align.lora import FusedLoraConv1d, _fusable
+
+    lnet = add_lora(_net("unet"), r=4)
+    conv = next(m for m in lnet.modules() if isinstance(m, FusedLoraConv1d))
+    assert _fusable(conv, (), {})
+    conv.base_layer.double()  # e.g. a base in another precision than its fp32 adapter
+    assert not _fusable(conv, (), {})

@@ -74,12 +74,16 @@ def _delta_weight(layer) -> torch.Tensor | None:
 
 def _fusable(layer, args, kwargs) -> bool:
     """Whether the fused forward computes what peft's would: plain LoRA (no dropout, no DoRA or
-    other variant), adapter on and not merged, no extra call arguments."""
+    other variant) in the base layer's dtype, adapter on and not merged, no extra call
+    arguments."""
     if layer.disable_adapters or layer.merged or args or kwargs:
         return False
+    dtype = layer.base_layer.weight.dtype
     for name in layer.active_adapters:
         if name in layer.lora_A and (name in layer.lora_variant
-                                     or not isinstance(layer.lora_dropout[name], nn.Identity)):
+                                     or not isinstance(layer.lora_dropout[name], nn.Identity)
+                                     or layer.lora_A[name].weight.dtype != dtype
+                                     or layer.lora_B[name].weight.dtype != dtype):
             return False
     return True
 
