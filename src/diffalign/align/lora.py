@@ -125,7 +125,7 @@ def fuse_lora_forward(net: nn.Module) -> nn.Module:
     class becomes the subclass above; parameters, state dict and peft's methods are unchanged).
 
     A training step of the run's foundation U-Net with the adapter (batch 64, one thread, AVX2
-    CPU; ``benchmarks/main_job_parts.py``) took 85-108 ms with peft's forward and 71-85 ms
+    CPU; ``benchmarks/main_job_parts.py``) took 75-110 ms with peft's forward and 57-85 ms
     fused; the forward alone 50 ms and 33 ms (24 ms without an adapter)."""
     conv, linear = _peft_layer_classes()
     for m in net.modules():

@@ -16,6 +16,7 @@ where the serial run would.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
@@ -24,15 +25,16 @@ from typing import Any
 __all__ = ["SideJobs", "critic_job", "done", "eval_job", "greedy_job", "save_stage_weights"]
 
 
-def _one_thread() -> None:
-    """The worker's initialiser: one torch thread, and no life beyond the main process's."""
+def _one_thread(parent: int | None = None) -> None:
+    """The worker's initialiser: one torch thread, and no life beyond the main process's
+    (``parent``: its pid)."""
     import torch
 
-    _die_with_parent()
+    _die_with_parent(parent)
     torch.set_num_threads(1)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int | None) -> None:
     """On Linux, have the kernel send this process SIGTERM when the process that started it
     dies (``prctl(PR_SET_PDEATHSIG)``): a main process killed by a signal, which cannot stop
     its pool, then takes the worker with it instead of leaving it to finish its job alone.
@@ -50,7 +52,7 @@ def _die_with_parent() -> None:
         libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the parent died before the call above: nobody to signal us
+    if parent is not None and os.getppid() != parent:  # it died before the call above
         os._exit(1)
 
 
@@ -73,7 +75,8 @@ class SideJobs:
         self._pool = None
         if self.enabled:
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_one_thread)
+                                             initializer=_one_thread,
+                                             initargs=(os.getpid(),))
             torch.set_num_threads(1)
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
