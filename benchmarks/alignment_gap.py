@@ -10,8 +10,12 @@ grid of actions and with the reference's best of N samples::
 Per band of time steps it prints the mean Q of the aligned action, of the critic's argmax
 and of the reference's best-of-N and one sample; ``|a-a*|``, the distance of the aligned
 action from the argmax; and ``spread``, the std of the aligned model's first action over 8
-samples of one state. The alignment methods optimise the critic on dataset states; the
-return comes from the states the model visits.
+samples of one state; ``regret*`` and ``regret*(a*)``, how much return the aligned action
+and the critic's argmax lose against the optimal action by the true Q* of the layout (the
+dynamic-programming solution). The alignment methods optimise the critic on their conditions;
+the return comes from the states the model visits. In session 16 the last two columns showed
+why a layout-5 run stayed below its critic: on the states the model visited, its regret was
+2.3x the argmax's, on dataset states 1.4x (hence ``align/conditions.py``).
 """
 
 from __future__ import annotations
@@ -33,11 +37,21 @@ def _first_actions(model, obs, n, gen, net=None):
         return model.actions_from_x(x0)[:, 0, 0].clamp(-1, 1).view(len(obs), n)
 
 
-def _state_stats(model, critic, anet, obs, gen, candidates, grid, chunk=256):
-    """Per-state rows: Q(aligned), max Q, Q(best-of-N ref), Q(one ref), |a-a*|, spread."""
+def _true_regret(sol, obs, actions, horizon):
+    """Q*(s, a*) - Q*(s, a) of the layout's DP solution, per state."""
+    x = obs[:, 0].numpy().astype(np.float64)
+    t = np.rint(obs[:, 1].numpy() * horizon).astype(int)
+    q = sol.q_values(x, t)
+    got = np.array([np.interp(a, sol.actions, qi) for a, qi in zip(actions, q)])
+    return q.max(1) - got
+
+
+def _state_stats(model, critic, anet, obs, gen, candidates, grid, sol, horizon, chunk=256):
+    """Per-state rows: Q(aligned), max Q, Q(best-of-N ref), Q(one ref), |a-a*|, spread,
+    true regret of the aligned action and of the critic's argmax."""
     if len(obs) > chunk:  # bounded memory: N candidates per state are sampled at once
         return np.concatenate([_state_stats(model, critic, anet, obs[i:i + chunk], gen,
-                                            candidates, grid, chunk)
+                                            candidates, grid, sol, horizon, chunk)
                                for i in range(0, len(obs), chunk)])
     n = len(obs)
     with torch.no_grad():
@@ -51,13 +65,15 @@ def _state_stats(model, critic, anet, obs, gen, candidates, grid, chunk=256):
                          a_ref.reshape(-1, 1)).view(n, candidates)
     return np.stack([q_al.numpy(), q_max.numpy(), q_ref.max(1).values.numpy(),
                      q_ref[:, 0].numpy(), (a_al[:, 0] - grid[i_max]).abs().numpy(),
-                     a_al.std(1).numpy()], 1)
+                     a_al.std(1).numpy(), _true_regret(sol, obs, a_al[:, 0].numpy(), horizon),
+                     _true_regret(sol, obs, grid[i_max].numpy(), horizon)], 1)
 
 
 def _print_table(title, rows, steps, horizon):
     print(f"\n{title}")
     print(f"{'steps':>8} {'states':>6} {'Q(aligned)':>10} {'max Q':>7} {'Q(best)':>8} "
-          f"{'Q(ref)':>7} {'capture':>7} {'|a-a*|':>7} {'spread':>7}")
+          f"{'Q(ref)':>7} {'capture':>7} {'|a-a*|':>7} {'spread':>7} {'regret*':>7} "
+          f"{'regret*(a*)':>11}")
     width = horizon // BANDS
     for b in range(BANDS):
         m = (steps >= b * width) & (steps < (b + 1) * width)
@@ -68,7 +84,7 @@ def _print_table(title, rows, steps, horizon):
         capture = (r[0] - r[3]) / gap if gap > 1e-9 else float("nan")
         print(f"{b * width:>3}-{(b + 1) * width - 1:<4} {int(m.sum()):>6} {r[0]:>10.3f} "
               f"{r[1]:>7.3f} {r[2]:>8.3f} {r[3]:>7.3f} {capture:>7.2f} {r[4]:>7.3f} "
-              f"{r[5]:>7.3f}")
+              f"{r[5]:>7.3f} {r[6]:>7.3f} {r[7]:>11.3f}")
 
 
 def main(argv=None) -> None:
@@ -116,14 +132,19 @@ def main(argv=None) -> None:
     print(f"aligned model, one candidate: {100 * float(res.returns.mean()) / optimum:.1f}% of "
           f"the optimum ({args.episodes} episodes, layout {layout})")
     visited = history_states(res.trajectories, 1)[:, -1]
+    from diffalign.envs.nav1d import nav1d_layout
+    from diffalign.envs.nav1d_optimum import solve_layout
+
+    sol = solve_layout(*nav1d_layout(layout, horizon))
     _print_table("states the aligned model visits",
-                 _state_stats(model, critic, anet, visited, gen, args.candidates, grid),
+                 _state_stats(model, critic, anet, visited, gen, args.candidates, grid, sol,
+                              horizon),
                  np.rint(visited[:, 1].numpy() * horizon).astype(int), horizon)
 
     dataset = str(meta.get("dataset_kind", "full"))
     task = resolve_task(f"nav1d/{dataset}", layout_seed=layout, episodes=1000, seed=0)
     obs = condition_pool(task.episodes, 1, 512, seed=1)[:, -1]
-    rows = _state_stats(model, critic, anet, obs, gen, args.candidates, grid)
+    rows = _state_stats(model, critic, anet, obs, gen, args.candidates, grid, sol, horizon)
     _print_table(f"held-out dataset states (nav1d/{dataset})", rows,
                  np.rint(obs[:, 1].numpy() * horizon).astype(int), horizon)
     print("\ncapture = (Q(aligned) - Q(ref)) / (max Q - Q(ref)): the share of the critic's "

@@ -413,6 +413,35 @@ def test_align_merge_saves_the_adapted_model_and_calls_back_with_the_net(trained
     remove_lora(res.net)
 
 
+def test_align_mixes_in_greedy_rollout_conditions_and_keeps_the_dynamics(trained, tmp_path,
+                                                                       monkeypatch):
+    import json
+
+    import diffalign.models.dynamics as dyn_mod
+    from diffalign.align.conditions import RolloutConditions
+    from diffalign.align.runner import AlignConfig, align
+    from diffalign.models.dynamics import DynamicsConfig
+
+    model, state, _, _, episodes = trained
+    cfg = AlignConfig(
+        sequence=SequenceConfig(methods=("rl",), passes=1, max_iters=1, eval_every=1,
+                                patience=5),
+        rl=RLConfig(states_per_iter=4), cascade=None, conditions=32, val_conditions=8,
+        steps=5, rollouts=RolloutConditions(fraction=0.5, proposals=11, horizon=4,
+                                            dynamics=DynamicsConfig(steps=20, hidden=16)))
+    for _ in range(2):
+        model.net.load_state_dict(state)
+        res = align(model, freeze(TargetActionCritic()), episodes, cfg, out_dir=tmp_path,
+                    progress=False)
+        remove_lora(res.net)
+        info = json.loads((tmp_path / "align.json").read_text())["conditions"]
+        assert info["train"] == 32 and info["rollout_states"] == 16
+        assert info["dataset_states"] == 16 and info["rollout_horizon"] == 4
+        assert (tmp_path / "dynamics" / "config.json").is_file()
+        # the second run loads the saved dynamics instead of training another
+        monkeypatch.setattr(dyn_mod, "train_dynamics", lambda *a, **k: pytest.fail("trained"))
+
+
 def test_dpo_config_rejects_bad_dataset_pair_settings():
     with pytest.raises(ValueError, match="discount"):
         DPOConfig(discount=1.5)

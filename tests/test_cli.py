@@ -63,4 +63,6 @@ def test_align_bad_online_and_dpo_pair_values_exit_2(tmp_path, capsys):
     assert "rl_lr=0" in capsys.readouterr().err
     assert main([*base, "--rl-group", "0"]) == 2
     assert "rl_group=0" in capsys.readouterr().err
+    assert main([*base, "--rollout-conditions", "1.5"]) == 2
+    assert "rollout_conditions=1.5" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -55,6 +55,11 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     # the quick preset trains two critics (the default one): the ensemble runs end to end
     assert crit["kind"] == "iql_critic_ensemble" and crit["config"]["ensemble"] == 2
     assert report["critic_ensemble"] == 2 and report["critic_steps"] == 800
+    # half the conditions come from the critic's greedy rollouts through learned dynamics
+    assert json.loads((out / "dynamics" / "config.json").read_text())["kind"] == \
+        "dynamics_model"
+    assert aj["conditions"]["rollout_states"] == aj["conditions"]["dataset_states"] == 64
+    assert "dynamics_train_s" in report["timings"]
     # a stage that kept an earlier stage's adapter reuses that stage's evaluation
     by_name = {s["name"]: s for s in report["stages"]}
     for s in report["stages"]:
@@ -68,6 +73,7 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     assert main(args) == 0
     log = capsys.readouterr().out
     assert "foundation: loaded" in log and "critic: loaded" in log
+    assert "dynamics: loaded" in log
     # killed before the last stage's evaluation (in the side process) was written: the run
     # evaluates it again from the stage's weights, to the same result
     _kill_last_stage_evaluation(out)

@@ -4,6 +4,7 @@ Output directory::
 
     OUT/adapter/        adapter_model.safetensors + adapter_config.json (the LoRA adapter)
     OUT/cascade/        refiner.safetensors + config.json (when the cascade is trained)
+    OUT/dynamics/       the learned dynamics model (with ``rollouts``, when not given)
     OUT/merged/         a plain model checkpoint with the adapter merged (``merge=True``)
     OUT/align.json      stages (validation reward, iterations, seconds), events, settings
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from ..atomic import write_json
 from ..train.checkpoint import CheckpointError, load_tensors, save_tensors
 from .cascade import CascadeConfig, CascadeModel, build_refiner, train_cascade
 from .common import AlignSetup, condition_pool, freeze, validation_reward
+from .conditions import RolloutConditions, mix_rollout_states
 from .dpo import DPOConfig
 from .lora import add_lora, load_adapter, merged_copy, save_adapter
 from .online import OnlineConfig, OnlineTuner
@@ -54,6 +56,12 @@ class AlignConfig:
     """Dataset states the alignment optimises on."""
     val_conditions: int = 128
     """Held-out dataset states for the validation reward."""
+    rollouts: RolloutConditions | None = None
+    """Replace a share of the training and validation conditions by states of the critic's
+    greedy policy rolled out through dynamics learned from the dataset
+    (:mod:`~diffalign.align.conditions`); None: dataset states only. Only for a critic
+    that rates every action (random-policy data): elsewhere its greedy policy leaves the
+    data."""
     steps: int | None = None
     """Denoising steps while aligning (None: the model's default)."""
     online: OnlineConfig | None = None
@@ -82,19 +90,30 @@ class AlignResult:
 
 def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None = None,
           on_stage_end=None, progress: bool = True, merge: bool = False,
-          make_env=None, on_update=None) -> AlignResult:
+          make_env=None, on_update=None, dynamics=None) -> AlignResult:
     """Run the alignment sequence (and the cascade) on ``model`` against ``critic``.
 
     With ``cfg.online`` the critic is fine-tuned in place on rollouts in ``make_env()``
     environments (default: the environment of the model's task). ``on_stage_end(stage, net)``
     is called after each stage with the LoRA-wrapped net set to that stage's best adapter,
-    ``on_update()`` before every update of the sequence.
+    ``on_update()`` before every update of the sequence. With ``cfg.rollouts`` the
+    ``dynamics`` model (:class:`~diffalign.models.dynamics.DynamicsModel`) gives the
+    rollouts; without it one is loaded from ``out_dir/dynamics`` or trained there.
     """
     freeze(model)
     freeze(critic)
     states = condition_pool(episodes, model.spec.obs_history, cfg.conditions, seed=cfg.seed)
     val = condition_pool(episodes, model.spec.obs_history, cfg.val_conditions,
                          seed=cfg.seed + 1)
+    conditions_info: dict = {}
+    if cfg.rollouts is not None:
+        if dynamics is None:
+            dynamics = _dynamics(episodes, cfg.rollouts, out_dir, progress, model.device)
+        hist = model.spec.obs_history
+        states, conditions_info = mix_rollout_states(states, critic, dynamics, episodes, hist,
+                                                     cfg.rollouts, seed=cfg.seed)
+        val, _ = mix_rollout_states(val, critic, dynamics, episodes, hist, cfg.rollouts,
+                                    seed=cfg.seed + 1)
     setup = AlignSetup(model=model, critic=critic, states=states.to(model.device),
                        val_states=val.to(model.device), steps=cfg.steps, episodes=episodes)
     torch.manual_seed(cfg.seed)
@@ -134,6 +153,7 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
                                                          "extra_dim": refiner.extra_dim})
         write_json(out / "align.json", {
             "reference_val_reward": ref_reward,
+            "conditions": {"train": len(states), "val": len(val), **conditions_info},
             "stages": [{**{k: v for k, v in asdict(s).items() if k != "history"},
                         "validations": [{"iteration": h["iteration"],
                                          "val_reward": h["val_reward"]}
@@ -148,6 +168,18 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
             merged_model = _merged_copy(model, net)
             merged_model.save(out / "merged")
     return result
+
+
+def _dynamics(episodes, cfg: RolloutConditions, out_dir, progress: bool, device):
+    """The dynamics model of ``out_dir/dynamics`` if it is there, else trained on ``device``
+    (and saved there)."""
+    from ..models.dynamics import DynamicsModel, train_dynamics
+
+    where = None if out_dir is None else Path(out_dir) / "dynamics"
+    if where is not None and (where / "config.json").exists():
+        return DynamicsModel.load(where, device=device)
+    return train_dynamics(episodes, replace(cfg.dynamics, device=str(device)), out_dir=where,
+                          progress=progress)
 
 
 def _merged_copy(model, net):

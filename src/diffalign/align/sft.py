@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..processes import Inpaint
 from .common import AdapterMethod, MethodConfig, expand_condition, free_mask
+from .conditions import action_proposals
 from .lora import merged_copy
 
 __all__ = ["SFTConfig", "SFTMethod"]
@@ -194,10 +195,8 @@ class SFTMethod(AdapterMethod):
         first = self._first_action.expand(x0.shape)  # (B, H, D) bool
         act_dim = int(first[0].sum())
         own = x0[first].view(s, n, act_dim)
-        if act_dim == 1:
-            grid = torch.linspace(-1, 1, p, device=x0.device).view(1, p, 1).expand(s, p, 1)
-        else:
-            grid = torch.rand(s, p, act_dim, generator=self.gen).to(x0.device) * 2 - 1
+        box = torch.ones(act_dim)
+        grid = action_proposals(s, p, -box, box, self.gen).to(x0.device)
         acts = torch.cat([own, grid], 1)  # (S, n + P, act_dim), normalised
         m = acts.shape[1]
         # score each proposal in the first candidate's sample of its condition

@@ -53,6 +53,12 @@ class AlignArgs:
     the last 4096 winners for training (``SFTConfig.action_proposals``). Only for a critic
     trained on data that tried every action (a random behaviour policy). 0: winners are the
     critic's best whole candidates."""
+    rollout_conditions: float = 0.0
+    """Share of the conditions (states) the methods train and validate on taken from
+    rollouts of the critic's greedy policy through dynamics learned from the dataset
+    (trained into OUT/dynamics/, ``AlignConfig.rollouts``); 0: dataset states only. Only for
+    a critic trained on data that tried every action (a random behaviour policy): run nav1d
+    uses 0.5 there."""
     online: bool = False
     """Online fine-tuning: every --online-every updates roll the current model out in the
     task's environment, add the steps to the critic's buffer, keep training the critic
@@ -96,6 +102,9 @@ class AlignArgs:
         if self.sft_proposals < 0:
             raise ValueError(f"sft_proposals must be >= 0, got sft_proposals="
                              f"{self.sft_proposals}")
+        if not 0 <= self.rollout_conditions <= 1:
+            raise ValueError(f"rollout_conditions must be in [0, 1], got rollout_conditions="
+                             f"{self.rollout_conditions}")
         if self.passes < 1 or self.max_iters < 1 or self.lora_rank < 1:
             raise ValueError(f"passes={self.passes}, max_iters={self.max_iters}, lora_rank="
                              f"{self.lora_rank} must be >= 1")
@@ -107,6 +116,7 @@ def align_main(args: AlignArgs) -> dict:
     from ..align.sequence import SequenceConfig
     from ..models.base import ControlModel
     from ..models.critic import load_critic
+    from ..models.dynamics import DynamicsConfig
     from ..tasks import resolve_task
 
     model = ControlModel.load(args.ref_dir, device=args.device)
@@ -123,6 +133,12 @@ def align_main(args: AlignArgs) -> dict:
     cfg.dpo = replace(cfg.dpo, pair_source=args.dpo_pairs)
     if args.sft_proposals:
         cfg.sft = replace(cfg.sft, action_proposals=args.sft_proposals, replay=4096)
+    if args.rollout_conditions > 0:
+        from ..align.conditions import RolloutConditions
+
+        cfg.rollouts = RolloutConditions(fraction=args.rollout_conditions,
+                                         dynamics=DynamicsConfig(seed=args.seed,
+                                                                 device=args.device))
     if args.online:
         cfg.online = OnlineConfig(every=args.online_every, episodes=args.online_episodes,
                                   critic_steps=args.online_critic_steps)

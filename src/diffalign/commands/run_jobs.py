@@ -22,7 +22,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SideJobs", "critic_job", "done", "eval_job", "greedy_job", "save_stage_weights"]
+__all__ = ["SideJobs", "critic_job", "done", "dynamics_job", "eval_job", "greedy_job",
+           "save_stage_weights"]
 
 
 def _one_thread(parent: int | None = None) -> None:
@@ -134,14 +135,28 @@ def done(value: Any) -> Future:
 def critic_job(task_name: str, task_kwargs: dict, cfg: Any, out_dir: str) -> float:
     """Train the run's critic(s) on the task's episodes and save them in ``out_dir`` (a
     killed job resumes from the trainer's state there); returns the training seconds."""
+    from ..models.critic import train_critic
+
+    return _timed_training(train_critic, task_name, task_kwargs, cfg, out_dir)
+
+
+def dynamics_job(task_name: str, task_kwargs: dict, cfg: Any, out_dir: str) -> float:
+    """Train the run's dynamics model (:func:`~diffalign.models.dynamics.train_dynamics`) and
+    save it in ``out_dir``; returns the training seconds."""
+    from ..models.dynamics import train_dynamics
+
+    return _timed_training(train_dynamics, task_name, task_kwargs, cfg, out_dir)
+
+
+def _timed_training(train: Callable[..., Any], task_name: str, task_kwargs: dict, cfg: Any,
+                    out_dir: str) -> float:
     import time
 
-    from ..models.critic import train_critic
     from ..tasks import resolve_task
 
     task = resolve_task(task_name, **task_kwargs)
     t0 = time.perf_counter()
-    train_critic(task.episodes, cfg, out_dir=out_dir, progress=False)
+    train(task.episodes, cfg, out_dir=out_dir, progress=False)
     return time.perf_counter() - t0
 
 
