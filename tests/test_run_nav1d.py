@@ -147,6 +147,8 @@ def test_adapter_fingerprint_follows_the_lora_weights_only():
 def test_run_nav1d_bad_method_names_it(tmp_path, capsys):
     assert main(["run", "nav1d", "--methods", "rl,ppo2", "--out", str(tmp_path / "x")]) == 2
     assert "ppo2" in capsys.readouterr().err
+    assert main(["run", "nav1d", "--rollout-conditions", "-0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "rollout_conditions=-0.5" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

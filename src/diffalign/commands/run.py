@@ -231,6 +231,11 @@ class RunNav1DArgs:
     """Online fine-tuning during alignment: every 8 updates, 16 episodes of the current
     model join the critic's buffer and the critic trains 200 more steps (OUT/align/
     critic_online/). Off by default: the paper's setting is offline."""
+    rollout_conditions: float | None = None
+    """Share of the alignment's conditions taken from rollouts of the critic's greedy policy
+    through dynamics learned from the dataset (OUT/dynamics/); default 0.5 on partial and
+    full data (ROLLOUT_CONDITIONS), 0 (dataset states only) on expert data, whose critic
+    has not seen the actions its greedy policy takes."""
     critic_ensemble: int | None = None
     """IQL critics trained side by side, their mean Q used (default from the preset: 2). One
     critic's quality depends much on its seed; the mean of two is steadier across layouts."""
@@ -264,6 +269,9 @@ class RunNav1DArgs:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1, got {name}={v}")
+        if self.rollout_conditions is not None and not 0 <= self.rollout_conditions <= 1:
+            raise ValueError(f"rollout_conditions must be in [0, 1], got rollout_conditions="
+                             f"{self.rollout_conditions}")
         if self.eval_episodes is not None and self.eval_episodes < 1:
             raise ValueError(f"eval_episodes must be >= 1, got eval_episodes={self.eval_episodes}")
         if self.layout_seed < 0:
@@ -353,8 +361,10 @@ def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timi
                                     dict(layout_seed=args.layout_seed,
                                          episodes=P["data_episodes"], seed=args.seed),
                                     ccfg, str(cdir))
+    rollouts = (args.rollout_conditions if args.rollout_conditions is not None
+                else ROLLOUT_CONDITIONS if covered else 0.0)
     ddir = out / "dynamics"
-    dynamics_trained = covered and not (ddir / "config.json").exists()
+    dynamics_trained = rollouts > 0 and not (ddir / "config.json").exists()
     if dynamics_trained:  # queued after the critic: it runs while the foundation trains
         dyn_future = jobs.submit(dynamics_job, task_name,
                                  dict(layout_seed=args.layout_seed,
@@ -389,7 +399,7 @@ def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timi
     _log(f"critic: {'trained' if critic_trained else 'loaded'} {cdir}")
     _remember(out, "critic_train_s", critic_s, critic_trained)
     dynamics = None
-    if covered:
+    if rollouts > 0:
         if dynamics_trained:
             _remember(out, "dynamics_train_s", dyn_future.result(), True)
         dynamics = DynamicsModel.load(ddir, device=args.device)
@@ -489,7 +499,8 @@ def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timi
         acfg.sequence = replace(seq, guard=replace(seq.guard, support_frac=1.0))
         acfg.sft = replace(acfg.sft, likelihood_quantile=0.0, **SFT_ACTION_SEARCH)
         acfg.rl = replace(acfg.rl, **RL_AFTER_SFT)
-        acfg.rollouts = RolloutConditions(fraction=ROLLOUT_CONDITIONS)
+    if rollouts > 0:
+        acfg.rollouts = RolloutConditions(fraction=rollouts)
     if args.online:
         from ..align.online import OnlineConfig
 
