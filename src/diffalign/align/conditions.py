@@ -45,7 +45,7 @@ class RolloutConditions:
     oversample: int = 1
     """Rollouts started per needed state, divided by the horizon: the states kept are drawn
     from ``oversample`` times as many (more starts, more of the paths, at that multiple of
-    the cost: 2048 states of 32-step rollouts took 6 s with 1 and 24 s with 4 on one CPU
+    the cost: 2048 states of 32-step rollouts took 4 s with 1 and 24 s with 4 on one CPU
     thread, searching 201 actions with a two-critic ensemble)."""
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
     """Training of the dynamics model (when one is not given)."""
