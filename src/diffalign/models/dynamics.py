@@ -30,7 +30,6 @@ from .critic import (
     mlp,
     module_device,
     sample_batch,
-    trainer_config,
     transitions_from_episodes,
 )
 
@@ -56,39 +55,21 @@ class DynamicsConfig:
     batch_size: int = 256
     """Transitions per step."""
     lr: float = 1e-3
-    """AdamW learning rate (cosine decay to zero)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_steps: int = 0
-    """Linear learning-rate warm-up steps."""
-    schedule: str = "cosine"
-    """Learning-rate schedule after warm-up (as the trainer names them)."""
-    grad_clip: float = 10.0
-    """Global gradient-norm clip (0 = none)."""
+    """AdamW learning rate, decayed to zero along a cosine."""
     seed: int = 0
     """Seed of the initialisation and of the batches."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda', ..."""
-    log_every: int = 100
-    """Log metrics every this many steps (with an out_dir)."""
-    ckpt_every: int = 0
-    """Save a resumable training state every this many steps (0 = only at the end)."""
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "depth", "steps", "batch_size", "log_every"):
+        for name, least in (("hidden", 1), ("depth", 1), ("steps", 1), ("batch_size", 1),
+                            ("seed", 0)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"DynamicsConfig.{name} must be an integer >= 1, got "
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"DynamicsConfig.{name} must be an integer >= {least}, got "
                                  f"{name}={v!r}")
-        for name in ("warmup_steps", "seed", "ckpt_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"DynamicsConfig.{name} must be an integer >= 0, got "
-                                 f"{name}={v!r}")
-        if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError(f"DynamicsConfig needs lr > 0, weight_decay >= 0, grad_clip >= 0; "
-                             f"got lr={self.lr}, weight_decay={self.weight_decay}, "
-                             f"grad_clip={self.grad_clip}")
+        if not self.lr > 0:
+            raise ValueError(f"DynamicsConfig.lr must be > 0, got lr={self.lr}")
 
 
 class DynamicsModel(nn.Module):
@@ -157,8 +138,9 @@ def dynamics_transitions(episodes: Episodes) -> dict[str, np.ndarray]:
 def train_dynamics(episodes: Episodes, cfg: DynamicsConfig | None = None,
                    out_dir: str | Path | None = None, progress: bool = True) -> DynamicsModel:
     """Fit a :class:`DynamicsModel` on the transitions of ``episodes`` (saved to ``out_dir``
-    when given; a killed run resumes from its training state there). Returns it in eval mode."""
-    from ..train.trainer import fit
+    when given, at the end: a killed run trains it again, which takes seconds). Returns it
+    in eval mode."""
+    from ..train.trainer import TrainConfig, fit
 
     cfg = cfg if cfg is not None else DynamicsConfig()
     data = dynamics_transitions(episodes)
@@ -172,7 +154,11 @@ def train_dynamics(episodes: Episodes, cfg: DynamicsConfig | None = None,
     def loss_fn(m: nn.Module, batch_size: int, gen: torch.Generator) -> dict[str, Tensor]:
         return m.loss(sample_batch(tensors.on(module_device(m)), batch_size, gen))
 
-    result = fit(model, loss_fn, trainer_config(cfg, progress),
+    train = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=0,
+                        schedule="cosine", grad_clip=10.0,
+                        ema_decay=0.0, seed=cfg.seed, device=cfg.device, bf16=False,
+                        ckpt_every=0, progress=progress)
+    result = fit(model, loss_fn, train,
                  out_dir=None if out_dir is None else Path(out_dir),
                  save_fn=lambda d, m: m.save(d), log_prefix="dynamics")
     return result.model.eval()
