@@ -110,3 +110,24 @@ def test_mix_rollout_states_replaces_a_share_with_histories(task):
     assert ((t_now * 32).round() < 5).all()  # states before the horizon's last
     with pytest.raises(ValueError, match="fraction"):
         RolloutConditions(fraction=0.0)
+
+
+def test_nav1d_greedy_return_of_the_true_q_is_the_optimum():
+    """The critic-ceiling check (``nav1d_greedy_return``) searches actions with
+    ``greedy_actions``: a critic that is the DP's own Q* must reach the optimum."""
+    from diffalign.commands.critic import nav1d_greedy_return
+    from diffalign.envs.nav1d import nav1d_layout
+    from diffalign.envs.nav1d_optimum import solve_layout
+
+    sol = solve_layout(*nav1d_layout(3))
+
+    class TrueQ(torch.nn.Module):
+        def q(self, obs, act):
+            obs, act = torch.as_tensor(obs).double().numpy(), torch.as_tensor(act).numpy()
+            t = np.rint(obs[:, 1] * 32).astype(int)
+            q = sol.q_values(obs[:, 0], t)
+            i = np.abs(sol.actions[None, :] - act[:, :1]).argmin(1)
+            return torch.as_tensor(q[np.arange(len(q)), i])
+
+    res = nav1d_greedy_return(TrueQ(), layout_seed=3, episodes=100)
+    assert res["greedy_normalized"] > 97.0

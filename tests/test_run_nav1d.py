@@ -59,6 +59,7 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     assert json.loads((out / "dynamics" / "config.json").read_text())["kind"] == \
         "dynamics_model"
     assert aj["conditions"]["rollout_states"] == aj["conditions"]["dataset_states"] == 64
+    assert aj["config"]["rollouts"]["dynamics"]["steps"] == 300  # the preset's, as trained
     assert "dynamics_train_s" in report["timings"]
     # a stage that kept an earlier stage's adapter reuses that stage's evaluation
     by_name = {s["name"]: s for s in report["stages"]}

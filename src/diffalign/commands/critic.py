@@ -146,6 +146,7 @@ def nav1d_greedy_return(critic: Any, layout_seed: int = 0, episodes: int = 200,
     """
     import torch
 
+    from diffalign.align.conditions import action_proposals, greedy_actions
     from diffalign.envs.nav1d import dynamics, nav1d_layout, reward
     from diffalign.envs.nav1d_optimum import nav1d_optimum
 
@@ -153,14 +154,13 @@ def nav1d_greedy_return(critic: Any, layout_seed: int = 0, episodes: int = 200,
     horizon = len(mu)
     optimum = float(nav1d_optimum(layout_seed=layout_seed)["optimal_return"])
     x = np.random.default_rng(seed).uniform(-1, 1, episodes)
-    grid = np.linspace(-1, 1, n_actions)
+    box = torch.ones(1)
+    grid = action_proposals(episodes, n_actions, -box, box, torch.Generator())
     ret = np.zeros(episodes)
     for t in range(horizon):
-        obs = np.repeat(np.stack([x, np.full(episodes, t / horizon)], 1), n_actions, 0)
-        act = np.tile(grid, episodes)[:, None]
-        with torch.no_grad():
-            q = critic.q(obs.astype(np.float32), act.astype(np.float32))
-        best = grid[q.view(episodes, n_actions).argmax(1).cpu().numpy()]
+        obs = torch.as_tensor(np.stack([x, np.full(episodes, t / horizon)], 1),
+                              dtype=torch.float32)
+        best = greedy_actions(critic, obs, grid)[:, 0].numpy().astype(np.float64)
         x_next = dynamics(x, best)
         ret += reward(x_next, np.full(episodes, t), mu, sigma)
         x = x_next

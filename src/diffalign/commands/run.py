@@ -368,14 +368,14 @@ def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timi
     rollouts = (args.rollout_conditions if args.rollout_conditions is not None
                 else ROLLOUT_CONDITIONS if covered else 0.0)
     ddir = out / "dynamics"
+    dcfg = DynamicsConfig(steps=P.get("dynamics_steps", DynamicsConfig.steps), seed=args.seed,
+                          device=args.device)
     dynamics_trained = rollouts > 0 and not (ddir / "config.json").exists()
     if dynamics_trained:  # queued after the critic: it runs while the foundation trains
         dyn_future = jobs.submit(dynamics_job, task_name,
                                  dict(layout_seed=args.layout_seed,
                                       episodes=P["data_episodes"], seed=args.seed),
-                                 DynamicsConfig(steps=P.get("dynamics_steps", 1500),
-                                                seed=args.seed, device=args.device),
-                                 str(ddir))
+                                 dcfg, str(ddir))
     t0 = time.perf_counter()
     if (fdir / "config.json").exists():
         model = ControlModel.load(fdir, device=args.device)
@@ -504,7 +504,7 @@ def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timi
         acfg.sft = replace(acfg.sft, likelihood_quantile=0.0, **SFT_ACTION_SEARCH)
         acfg.rl = replace(acfg.rl, **RL_AFTER_SFT)
     if rollouts > 0:
-        acfg.rollouts = RolloutConditions(fraction=rollouts)
+        acfg.rollouts = RolloutConditions(fraction=rollouts, dynamics=dcfg)
     if args.online:
         from ..align.online import OnlineConfig
 
