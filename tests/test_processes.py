@@ -170,8 +170,8 @@ def test_inpainted_entries_equal_given_values(name, make):
     assert not torch.equal(x[:, 1:, :], torch.zeros_like(x[:, 1:, :]))
 
 
-def test_inpaint_reimposed_at_noise_level():
-    """Known entries are re-noised at each intermediate step, not clamped to clean values."""
+def test_inpaint_clean_by_default():
+    """Known entries are clean at every step by default: what the network saw in training."""
     p = DDPM()
     net = OracleGaussian(p, m=0.0, s=1.0)
     value = torch.full((64, 4, 1), 2.0)
@@ -179,6 +179,61 @@ def test_inpaint_reimposed_at_noise_level():
     mask[:, 0] = True
     out = p.sample(net, (64, 4, 1), steps=10, inpaint=Inpaint(value, mask), return_chain=True,
                    generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.chain[:, :, 0, 0], torch.full_like(out.chain[:, :, 0, 0], 2.0))
+    assert out.chain[5][:, 1:].std() > 0.1  # the free entries are still noisy mid-chain
+
+
+class RecordingNet(torch.nn.Module):
+    """A denoiser that predicts zero and records every input it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x, t, cond=None, extra=None):
+        self.inputs.append(x.detach().clone())
+        return x * self.w
+
+
+@pytest.mark.parametrize("pname", ["ddpm", "ddim", "sm", "fm"])
+def test_planner_samples_known_entries_as_trained(pname):
+    """The network sees the in-painted current state with the same values in training
+    (``loss(known=...)``) and in sampling (``Planner.sample``): clean, at every step."""
+    from diffalign.models.registry import build_model
+
+    model = build_model("diffuser", process=pname, backbone="mlp", obs_dim=2, act_dim=1,
+                        horizon=8, state_cond=False)
+    from diffalign.data.normalizer import NormalizerSet
+
+    model.normalizers = NormalizerSet.fit_arrays(
+        {"observations": 3 * torch.randn(50, 2).numpy(), "actions": torch.randn(50, 1).numpy()},
+        kind="minmax")
+    rec = RecordingNet()
+    model.net = rec
+    obs = torch.randn(4, 1, 2)
+    model.sample(obs, generator=torch.Generator().manual_seed(0), steps=5)
+    known = model.norm("observations", obs[:, 0])
+    for x in rec.inputs:
+        assert torch.allclose(x[:, 0, :2], known, atol=1e-6)
+    rec.inputs.clear()
+    x0 = torch.randn(4, 8, 3)
+    mask = torch.zeros(1, 8, 3, dtype=torch.bool)
+    mask[:, 0, :2] = True
+    model.process.loss(rec, x0, known=mask, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(rec.inputs[0][:, 0, :2], x0[:, 0, :2])
+
+
+def test_inpaint_reimposed_at_noise_level():
+    """With ``noised=True`` (RePaint) known entries are re-noised at each intermediate step,
+    not clamped to clean values."""
+    p = DDPM()
+    net = OracleGaussian(p, m=0.0, s=1.0)
+    value = torch.full((64, 4, 1), 2.0)
+    mask = torch.zeros(1, 4, 1, dtype=torch.bool)
+    mask[:, 0] = True
+    out = p.sample(net, (64, 4, 1), steps=10, inpaint=Inpaint(value, mask, noised=True),
+                   return_chain=True, generator=torch.Generator().manual_seed(0))
     mid = out.chain[5][:, 0, 0]  # t = 0.5
     a = p.abar(torch.tensor(float(out.times[5])), mid)
     assert abs(mid.mean().item() - 2.0 * a.sqrt().item()) < 0.15

@@ -158,11 +158,13 @@ def cascade_pairs(setup: AlignSetup, net: nn.Module, cfg: CascadeConfig,
         mask = torch.zeros(1, h, shape[2], dtype=torch.bool, device=first.device)
         mask[:, :p] = True
         value = first.repeat_interleave(n, 0)
+        noised = mask.expand(shape_n)  # the sample's own prefix: RePaint-style
         if inp_n is not None:
             value = torch.where(inp_n.mask.expand(shape_n), inp_n.value, value)
+            noised = noised & ~inp_n.mask.expand(shape_n)
             mask = mask | inp_n.mask
         x = proc.sample(net, shape_n, cond=cond_n, steps=steps,
-                        inpaint=Inpaint(value, mask), generator=generator,
+                        inpaint=Inpaint(value, mask, noised=noised), generator=generator,
                         device=model.device).x0
     rows = obs.repeat_interleave(n, 0)
     r = setup.reward(x, rows).view(-1, n)

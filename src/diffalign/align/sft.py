@@ -212,8 +212,11 @@ class SFTMethod(AdapterMethod):
                 else inpaint.mask.expand(shape).clone())
         value[first[:1].expand(shape)] = best.reshape(-1)
         mask |= first[:1].expand(shape)
+        # the action was never a known entry in training: imposed RePaint-style (noised)
         x = model.process.sample(src, shape, cond=cond, steps=self.setup.steps,
-                                 inpaint=Inpaint(value=value, mask=mask), generator=self.gen,
+                                 inpaint=Inpaint(value=value, mask=mask,
+                                                 noised=first[:1].expand(shape)),
+                                 generator=self.gen,
                                  device=model.device).x0
         # winner_reward: the best proposal as scored in the template sample above
         return x, {"reward": float(r.mean()), "winner_reward": float(q.max(1).values.mean()),

@@ -276,7 +276,8 @@ class ControlModel(nn.Module):
             mask = c.inpaint.mask
             if mask.shape[0] != 1:
                 mask = mask.repeat_interleave(n, 0)
-            inpaint = Inpaint(value=c.inpaint.value.repeat_interleave(n, 0), mask=mask)
+            inpaint = Inpaint(value=c.inpaint.value.repeat_interleave(n, 0), mask=mask,
+                              noised=c.inpaint.noised)
         return cond, inpaint, (b * n, *c.shape)
 
     def sample(self, obs_hist: Tensor, n: int = 1, generator: torch.Generator | None = None,

@@ -63,16 +63,23 @@ class SampleOutput:
 
 @dataclass
 class Inpaint:
-    """Known entries to impose during sampling (RePaint-style).
+    """Known entries to impose during sampling.
 
-    ``value`` holds clean values; entries where ``mask`` is True are re-imposed at every step
-    at the noise level of that step, so they are exact at ``t = 0``.
+    ``value`` holds clean values; entries where ``mask`` is True are re-imposed after every
+    step. By default they are imposed CLEAN at every noise level, as the planners are trained
+    (:meth:`DiffusionProcess.loss` with ``known=``: the network sees clean known entries in a
+    noisy ``x_t``, Janner et al.'s convention, docs/design.md §3). ``noised=True`` imposes them
+    at the noise level of the step instead (RePaint), for entries the network was never
+    trained to see clean, such as an in-painted action.
     """
 
     value: Tensor
     """Clean values, shape ``(B, H, D)`` (only masked entries are read)."""
     mask: Tensor
     """Bool tensor broadcastable to ``(B, H, D)``; True = known."""
+    noised: bool | Tensor = False
+    """Impose the known entries at the step's noise level (RePaint) instead of clean: all of
+    them (True), or those where this bool tensor (broadcastable to ``(B, H, D)``) is True."""
 
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -278,16 +285,17 @@ class DiffusionProcess(ABC):
 
     def impose(self, x: Tensor, t: float, inpaint: Inpaint | None,
                 generator: torch.Generator | None) -> Tensor:
-        """Re-impose known entries at the noise level of time ``t``."""
+        """Re-impose known entries: clean, or at the noise level of time ``t`` when
+        ``inpaint.noised``."""
         if inpaint is None:
             return x
         value = inpaint.value.to(x)
-        if t <= 0:
-            noisy = value
-        else:
+        noised = inpaint.noised
+        if t > 0 and (noised is True or isinstance(noised, Tensor)):
             tb = _batch_time(t, x.shape[0], x)
             noisy = self.add_noise(value, tb, _randn(x.shape, generator, x))
-        return torch.where(inpaint.mask.expand_as(x), noisy, x)
+            value = noisy if noised is True else torch.where(noised.expand_as(x), noisy, value)
+        return torch.where(inpaint.mask.expand_as(x), value, x)
 
     def sample(self, net, shape: tuple[int, int, int], cond: Tensor | None = None,
                steps: int | None = None, inpaint: Inpaint | None = None,
@@ -301,7 +309,7 @@ class DiffusionProcess(ABC):
             shape: ``(B, H, D)``.
             steps: number of denoising steps (default :attr:`default_steps`), chosen freely at
                 sample time.
-            inpaint: known entries re-imposed at every step (RePaint).
+            inpaint: known entries re-imposed after every step (see :class:`Inpaint`).
             generator: a ``torch.Generator``; the same seed gives the same samples.
             return_chain: also return every intermediate sample, mean, std and x0-prediction.
             grad_last_k: ``None`` samples without gradients. An integer ``K`` runs the first
