@@ -6,7 +6,7 @@ import json
 import pytest
 
 from diffalign.cli import main
-from diffalign.commands.run import CRITIC_BACKUP, CRITIC_HIDDEN
+from diffalign.commands.run import COVERED, CRITIC_BACKUP, CRITIC_HIDDEN
 
 STAGE_KEYS = {"name", "return_mean", "return_std", "normalized", "coherency", "entropy",
               "candidates", "denoise_steps", "wall_s"}
@@ -35,6 +35,15 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     for png in ("returns.png", "reward_distribution.png", "trajectories.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "align" / "adapter" / "adapter_model.safetensors").exists()
+    # the answer is chosen on held-out states: one of the stages, said why, marked in the md
+    assert report["final"]["stage"] in names and report["final"]["reason"]
+    assert f"| {report['final']['stage']} **(final)** |" in md
+    for st in ("dpo", "sft", "rl"):
+        assert (out / "align" / "stages" / st / "adapter" / "adapter_model.safetensors").exists()
+    # random-policy data, measured so: the recipe for data that tried every action
+    assert report["action_coverage"] >= COVERED
+    assert json.loads((out / "behavior" / "config.json").read_text())["kind"] == \
+        "behavior_model"
     # align.json lists each stage's validations; the kept adapter is the best of them so far
     aj = json.loads((out / "align" / "align.json").read_text())
     # RL runs last, from the SFT adapter, without a KL to the reference on random-policy data
@@ -151,6 +160,16 @@ def test_run_nav1d_bad_method_names_it(tmp_path, capsys):
     assert main(["run", "nav1d", "--rollout-conditions", "-0.5", "--out", str(tmp_path / "x")]) == 2
     assert "rollout_conditions=-0.5" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_final_names_an_evaluated_stage_or_the_reference():
+    from diffalign.commands.run import _final
+
+    stages = [{"name": "reference"}, {"name": "reference@64"}, {"name": "rl"}]
+    assert _final({"stage": "rl", "reason": "r"}, stages)["stage"] == "rl"
+    f = _final({"stage": "cascade", "reason": "r"}, stages)
+    assert f["stage"] == "reference" and "cascade" in f["reason"]
+    assert _final({}, stages)["stage"] == "reference"
 
 
 def test_critic_warning_when_best_of_n_falls_below_one_sample():

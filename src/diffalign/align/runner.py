@@ -5,6 +5,8 @@ Output directory::
     OUT/adapter/        adapter_model.safetensors + adapter_config.json (the LoRA adapter)
     OUT/cascade/        refiner.safetensors + config.json (when the cascade is trained)
     OUT/dynamics/       the learned dynamics model (with ``rollouts``, when not given)
+    OUT/behavior/       the data's action band (with ``pessimism``, when not given)
+    OUT/stages/<name>/adapter/   each stage's own adapter
     OUT/merged/         a plain model checkpoint with the adapter merged (``merge=True``)
     OUT/align.json      stages (validation reward, iterations, seconds), events, settings
 """
@@ -24,8 +26,10 @@ from .cascade import CascadeConfig, CascadeModel, build_refiner, train_cascade
 from .common import AlignSetup, condition_pool, freeze, validation_reward
 from .conditions import RolloutConditions, mix_rollout_states
 from .dpo import DPOConfig
+from .final_stage import FinalStageConfig, choose_final, heldout_rewards
 from .lora import add_lora, load_adapter, merged_copy, save_adapter
 from .online import OnlineConfig, OnlineTuner
+from .pessimism import PessimismConfig, pessimistic_critic
 from .rl import RLConfig
 from .sequence import SequenceConfig, StageResult, run_sequence
 from .sft import SFTConfig
@@ -67,6 +71,12 @@ class AlignConfig:
     online: OnlineConfig | None = None
     """Online fine-tuning (rollouts join the critic's buffer and the critic keeps training);
     None = offline only. The fine-tuned critic is saved to ``OUT/critic_online/``."""
+    pessimism: PessimismConfig | None = field(default_factory=PessimismConfig)
+    """Lower the critic's reward off the data's support, with a weight set by the data's
+    action coverage (:mod:`~diffalign.align.pessimism`); None trusts the critic everywhere."""
+    final: FinalStageConfig = field(default_factory=FinalStageConfig)
+    """How the final stage (the run's answer) is chosen on held-out states
+    (:mod:`~diffalign.align.final_stage`)."""
     seed: int = 0
     """Seed of conditions, sampling and updates."""
 
@@ -86,11 +96,16 @@ class AlignResult:
     cascade_wall_s: float = 0.0
     cascade_history: list[dict] = field(default_factory=list)
     """Validation reward of the cascade per round (round 0: before training)."""
+    final: dict = field(default_factory=dict)
+    """``{"stage", "reason", "heldout"}``: the stage chosen as the answer (``"reference"``
+    when none is reliably better), see :func:`~diffalign.align.final_stage.choose_final`."""
+    pessimism: dict = field(default_factory=dict)
+    """What the pessimism measured (coverage, weight, Q spread); empty when it is off."""
 
 
 def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None = None,
           on_stage_end=None, progress: bool = True, merge: bool = False,
-          make_env=None, on_update=None, dynamics=None) -> AlignResult:
+          make_env=None, on_update=None, dynamics=None, behavior=None) -> AlignResult:
     """Run the alignment sequence (and the cascade) on ``model`` against ``critic``.
 
     With ``cfg.online`` the critic is fine-tuned in place on rollouts in ``make_env()``
@@ -98,10 +113,18 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
     is called after each stage with the LoRA-wrapped net set to that stage's best adapter,
     ``on_update()`` before every update of the sequence. With ``cfg.rollouts`` the
     ``dynamics`` model (:class:`~diffalign.models.dynamics.DynamicsModel`) gives the
-    rollouts; without it one is loaded from ``out_dir/dynamics`` or trained there.
+    rollouts; without it one is loaded from ``out_dir/dynamics`` or trained there. With
+    ``cfg.pessimism`` the ``behavior`` band (:class:`~diffalign.models.behavior.BehaviorModel`)
+    is loaded from ``out_dir/behavior`` or trained there when not given.
     """
     freeze(model)
     freeze(critic)
+    pess_info: dict = {}
+    if cfg.pessimism is not None:
+        if behavior is None:
+            behavior = _behavior(episodes, cfg.pessimism, out_dir, progress, model.device)
+        critic, pess_info = pessimistic_critic(critic, episodes, cfg.pessimism,
+                                               behavior=behavior, seed=cfg.seed)
     states = condition_pool(episodes, model.spec.obs_history, cfg.conditions, seed=cfg.seed)
     val = condition_pool(episodes, model.spec.obs_history, cfg.val_conditions,
                          seed=cfg.seed + 1)
@@ -119,6 +142,10 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
     torch.manual_seed(cfg.seed)
     net = add_lora(model.net, r=cfg.lora_rank, alpha=cfg.lora_alpha)
     ref_reward, _ = validation_reward(setup, net=net)
+    heldout = condition_pool(episodes, model.spec.obs_history, cfg.final.states,
+                             seed=cfg.seed + 2)
+    ref_heldout = heldout_rewards(setup, heldout, net=net, seed=cfg.final.seed)
+    stage_heldout: dict[str, torch.Tensor] = {}
     online = None
     if cfg.online is not None:
         if make_env is None:
@@ -126,13 +153,20 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
 
             make_env = task_env(dict(model.meta))[0]
         online = OnlineTuner(setup, episodes, make_env, cfg.online)
-    stage_end = None if on_stage_end is None else (lambda st: on_stage_end(st, net))
+
+    def stage_end(st: StageResult) -> None:
+        stage_heldout[st.name] = heldout_rewards(setup, heldout, net=net, seed=cfg.final.seed)
+        if out_dir is not None:
+            save_adapter(net, Path(out_dir) / "stages" / st.name / "adapter",
+                         extra={"reference_spec": model.spec.to_dict()})
+        if on_stage_end is not None:
+            on_stage_end(st, net)
     stages, events, _ = run_sequence(setup, net, cfg.sequence,
                                      {"rl": cfg.rl, "dpo": cfg.dpo, "sft": cfg.sft},
                                      seed=cfg.seed, on_stage_end=stage_end,
                                      progress=progress, online=online, on_update=on_update)
     result = AlignResult(model=model, net=net, stages=stages, events=events,
-                         reference_reward=ref_reward)
+                         reference_reward=ref_reward, pessimism=pess_info)
     if out_dir is not None:  # the adapter first: align.json below marks the run complete
         save_adapter(net, Path(out_dir) / "adapter",
                      extra={"reference_spec": model.spec.to_dict()})
@@ -143,6 +177,10 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
                                 history=result.cascade_history)
         result.cascade_wall_s = time.perf_counter() - t0
         result.cascade = CascadeModel(model, net, refiner)
+        stage_heldout["cascade"] = heldout_rewards(setup, heldout, model=result.cascade.merged(),
+                                                   seed=cfg.final.seed)
+    name, reason, table = choose_final(ref_heldout, stage_heldout, cfg.final.z)
+    result.final = {"stage": name, "reason": reason, "heldout": table}
     if out_dir is not None:
         out = Path(out_dir)
         if online is not None:
@@ -162,6 +200,8 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
             "cascade_wall_s": result.cascade_wall_s,
             "cascade_history": result.cascade_history,
             "events": events,
+            "final": result.final,
+            "pessimism": pess_info,
             "config": json.loads(json.dumps(asdict(cfg), default=str)),
         })
         if merge:
@@ -179,6 +219,18 @@ def _dynamics(episodes, cfg: RolloutConditions, out_dir, progress: bool, device)
     if where is not None and (where / "config.json").exists():
         return DynamicsModel.load(where, device=device)
     return train_dynamics(episodes, replace(cfg.dynamics, device=str(device)), out_dir=where,
+                          progress=progress)
+
+
+def _behavior(episodes, cfg: PessimismConfig, out_dir, progress: bool, device):
+    """The behaviour band of ``out_dir/behavior`` if it is there, else trained on ``device``
+    (and saved there)."""
+    from ..models.behavior import BehaviorModel, train_behavior
+
+    where = None if out_dir is None else Path(out_dir) / "behavior"
+    if where is not None and (where / "config.json").exists():
+        return BehaviorModel.load(where, device=device)
+    return train_behavior(episodes, replace(cfg.behavior, device=str(device)), out_dir=where,
                           progress=progress)
 
 
@@ -214,7 +266,8 @@ def load_cascade(model, align_dir: str | Path) -> CascadeModel:
 def reuse_alignment(model, align_dir: str | Path, cascade: bool = True):
     """Load a finished alignment run into ``model`` (adapter in place) for re-evaluation.
 
-    Returns ``(events, [(stage name, wall_s)], cascade model or None, cascade wall_s)``.
+    Returns ``(events, [(stage name, wall_s)], cascade model or None, cascade wall_s,
+    final)`` with ``final`` the run's chosen stage (:attr:`AlignResult.final`).
     """
     align_dir = Path(align_dir)
     info = json.loads((align_dir / "align.json").read_text())
@@ -224,4 +277,5 @@ def reuse_alignment(model, align_dir: str | Path, cascade: bool = True):
     if cascade and (align_dir / "cascade" / "refiner.safetensors").exists():
         casc = load_cascade(model, align_dir)
     walls = [(s["name"], float(s["wall_s"])) for s in info["stages"]]
-    return info["events"], walls, casc, float(info.get("cascade_wall_s", 0.0))
+    return (info["events"], walls, casc, float(info.get("cascade_wall_s", 0.0)),
+            info.get("final", {}))

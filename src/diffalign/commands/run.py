@@ -175,6 +175,13 @@ learned dynamics 86.2 / 91.4%. Fresh runs with it (nav1d/full, Diffuser): layout
 93.6% (session 15, without it: 92.0 / 81.7 / 88.8 / 93.7%); the Diffusion Policy on layout 5
 at 90.3% (82.9% without). On partial data the change was within the noise (layout 5:
 Diffuser 72.6 -> 78.7%, Diffusion Policy 77.9 -> 75.6%)."""
+COVERED = 0.4
+"""Action coverage (:meth:`~diffalign.models.behavior.BehaviorModel.coverage`) at or above
+which the data counts as having tried most actions near every state, like random-policy
+data: the critic then takes the max backup, SFT searches the critic's best action, RL runs
+without a KL, the conditions include greedy rollouts, and the support guard is off. Nav1D's
+random-policy datasets measure 0.7-0.85, its expert dataset about 0.13; the midpoint of the
+pessimism's ramp (:class:`~diffalign.align.pessimism.PessimismConfig`)."""
 CRITIC_HIDDEN = 128
 """Width of the run's critic MLPs (256 until session 13). A step of one width-128 critic with
 the refined grid took 20 ms against 57 ms at width 256 (one thread, AVX2 CPU), which is what
@@ -344,9 +351,14 @@ def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timi
     from ..models.dynamics import DynamicsConfig, DynamicsModel
     from ..report.nav1d_report import write_report
 
-    # 2-3. critic (in the side process) beside the foundation (here)
-    # partial and full are random-policy data: every action was tried everywhere
-    covered = args.dataset != "expert"
+    # 2-3. critic (in the side process) beside the foundation (here). What the critic and
+    # the alignment may assume is measured from the data first: the band of actions the
+    # data took near each state, and how much of the action space it covers.
+    behavior, coverage = _behavior_band(task.episodes, out / "behavior", args)
+    covered = coverage >= COVERED
+    _log(f"data: action coverage {coverage:.2f} ("
+         + ("most actions tried near every state: the critic is trusted everywhere"
+            if covered else "the critic is distrusted off the data's actions") + ")")
     cdir, fdir = out / "critic", out / "foundation"
     critic_trained = not (cdir / "config.json").exists()
     if critic_trained:
@@ -524,8 +536,8 @@ def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timi
     if (adir / "align.json").exists():  # finished earlier: reuse adapter, cascade, evaluations
         from ..align.runner import reuse_alignment
 
-        events, stage_walls, cascade_model, cascade_s = reuse_alignment(model, adir,
-                                                                         args.cascade)
+        events, stage_walls, cascade_model, cascade_s, final = reuse_alignment(
+            model, adir, args.cascade)
         _log(f"alignment: loaded {adir}")
         for name, wall in stage_walls:
             run_eval(name, 1, wall)  # their eval.json are there from the first run
@@ -536,10 +548,10 @@ def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timi
         result = align(model, critic, task.episodes, acfg, out_dir=adir,
                        on_stage_end=lambda st, net: run_eval(st.name, 1, st.wall_s, net=net),
                        progress=args.progress, make_env=task.make_env, on_update=jobs.poll,
-                       dynamics=dynamics)
+                       dynamics=dynamics, behavior=behavior)
         if result.cascade is not None:
             run_eval("cascade", 1, result.cascade_wall_s, model_obj=result.cascade.merged())
-        events = result.events
+        events, final = result.events, result.final
         align_train_s = sum(st.wall_s for st in result.stages) + result.cascade_wall_s
     collect(wait=True)
     timings["alignment"] = time.perf_counter() - t_align
@@ -559,6 +571,8 @@ def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timi
         "critic_ensemble": int(critic.cfg.ensemble), "critic_steps": int(critic.cfg.steps),
         "online": args.online, "dpo_pairs": args.dpo_pairs,
         "stages": stages,
+        "final": _final(final, stages),
+        "action_coverage": coverage,
         "events": warnings + events,
         "alignment_seconds": align_train_s,
         "foundation_seconds": foundation_s,
@@ -570,6 +584,36 @@ def _pipeline(args: RunNav1DArgs, P: dict, out: Path, task, task_name: str, timi
     _log(f"report: {out / 'report.md'} (alignment took {align_train_s:.0f}s = "
          f"{report['alignment_fraction_of_foundation']:.2f}x foundation training)")
     return report
+
+
+def _behavior_band(episodes, where: Path, args: RunNav1DArgs):
+    """The data's action band (trained here, or loaded from ``where``) and its coverage on
+    the dataset's states."""
+    import numpy as np
+    import torch
+
+    from ..models.behavior import BehaviorConfig, BehaviorModel, train_behavior
+
+    if (where / "config.json").exists():
+        behavior = BehaviorModel.load(where, device=args.device)
+    else:
+        behavior = train_behavior(episodes, BehaviorConfig(seed=args.seed, device=args.device),
+                                  out_dir=where, progress=args.progress)
+    idx = np.random.default_rng(args.seed).integers(0, len(episodes.observations), 4096)
+    obs = torch.as_tensor(episodes.observations[idx], dtype=torch.float32)
+    return behavior, behavior.coverage(obs)
+
+
+def _final(final: dict, stages: list[dict]) -> dict:
+    """The report's ``final``: the stage chosen on held-out states (``align.json``), as the
+    name of one of the report's stages, and why."""
+    names = [st["name"] for st in stages]
+    name = final.get("stage", "reference")
+    if name not in names:  # e.g. the cascade chosen but not evaluated
+        name, why = "reference", f"{name!r} was chosen but has no evaluation in this report"
+    else:
+        why = final.get("reason", "")
+    return {"stage": name, "reason": why, "heldout": final.get("heldout", {})}
 
 
 def critic_warnings(reference: dict, best_of_n: dict) -> list[dict]:

@@ -33,11 +33,20 @@ def report_markdown(report: dict) -> str:
         "| train s |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    final = (report.get("final") or {}).get("stage")
     for s in report["stages"]:
         lines.append(
-            f"| {s['name']} | {s['candidates']} | {s['denoise_steps']} | "
+            f"| {s['name']}{' **(final)**' if s['name'] == final else ''} | "
+            f"{s['candidates']} | {s['denoise_steps']} | "
             f"{s['return_mean']:.2f} ± {s['return_std']:.2f} | {_f(s['normalized'], '.1f')} | "
             f"{_f(s['coherency'], '.3f')} | {_f(s['entropy'], '.2f')} | {_f(s['wall_s'], '.0f')} |")
+    if final is not None:
+        lines += ["", f"Final stage: **{final}** ({report['final'].get('reason', '')}); it is "
+                  "chosen on held-out dataset states, not on these evaluation episodes, and "
+                  "is what `diffalign evaluate` and `diffalign export` use by default."]
+    if report.get("action_coverage") is not None:
+        lines += ["", f"Action coverage of the data: {report['action_coverage']:.2f} "
+                  "(1: every action tried near every state)."]
     lines += ["", f"Alignment training took {report['alignment_seconds']:.0f} s, "
               f"{report['alignment_fraction_of_foundation']:.2f}× the foundation's "
               f"{report['foundation_seconds']:.0f} s.", ""]
@@ -91,8 +100,11 @@ def _plots(out: Path, report: dict) -> None:
         fig.savefig(tmp)
     plt.close(fig)
 
-    first, last = stages[0], stages[-1]
-    pics = [(s["name"], Path(s["picture"])) for s in (first, last) if Path(s["picture"]).exists()]
+    final = (report.get("final") or {}).get("stage")
+    first = stages[0]
+    last = next((s for s in stages if s["name"] == final), stages[-1])
+    shown = (first,) if last is first else (first, last)
+    pics = [(s["name"], Path(s["picture"])) for s in shown if Path(s["picture"]).exists()]
     if pics:
         fig, axes = plt.subplots(1, len(pics), figsize=(7 * len(pics), 4.5), dpi=100)
         for ax, (name, p) in zip(np.atleast_1d(axes), pics):
