@@ -3,7 +3,7 @@ reward with QV-PG on one LoRA adapter, and measure what it gains and what it kee
 
 For each reward function R(x) on 2-D points (:data:`REWARDS`) a copy of the foundation net is
 wrapped with one peft LoRA adapter (:func:`~diffalign.align.lora.add_lora`) and trained by
-QV-PG (DESIGN §4; Clark 2023 / Prabhudesai 2023):
+QV-PG (docs/design.md §4; Clark 2023 / Prabhudesai 2023):
 
 * sample a batch with the process's own sampler, the first ``S − K`` steps without gradients
   and the last ``K`` with them (stop-gradient before);

@@ -1,1 +1,1 @@
-"""Reward alignment of a foundation diffusion model: RL, DPO, SFT, cascade (DESIGN §4)."""
+"""Reward alignment of a foundation diffusion model: RL, DPO, SFT, cascade (docs/design.md §4)."""

@@ -1,4 +1,4 @@
-"""Cascaded refiner (Ho et al. 2022), DESIGN §4.
+"""Cascaded refiner (Ho et al. 2022), docs/design.md §4.
 
 A second model ``p_φ(x_hi | x_lo, c)``: the reference denoiser rebuilt with an extra
 per-position input for ``x_lo`` whose projection starts at zero, warm-started from the

@@ -1,4 +1,4 @@
-"""Diffusion-DPO (Wallace et al. 2024) for any of the four processes (DESIGN §4).
+"""Diffusion-DPO (Wallace et al. 2024) for any of the four processes (docs/design.md §4).
 
 ``L = −log σ(−β · w(t) · [(e_θ(x^w) − e_ref(x^w)) − (e_θ(x^l) − e_ref(x^l))])``, where
 ``e(x) = ‖target − net(x_t)‖²`` is the denoising error of the process (ε-error for DDPM/SM,
@@ -119,7 +119,7 @@ class DPOConfig(MethodConfig):
 @torch.no_grad()
 def dataset_pairs(model, episodes, neighbours: int = 8, discount: float = 0.99,
                   max_windows: int = 20000, seed: int = 0) -> dict[str, Tensor]:
-    """Preference pairs from the dataset, ranked by return (DESIGN §4).
+    """Preference pairs from the dataset, ranked by return (docs/design.md §4).
 
     Each of up to ``max_windows`` training windows of ``model`` (the layout it trains on) is
     an anchor; among its ``neighbours`` nearest windows by first observation (normalised;

@@ -1,4 +1,4 @@
-"""Online fine-tuning (DESIGN §4, optional): interleave environment rollouts with alignment.
+"""Online fine-tuning (docs/design.md §4, optional): interleave environment rollouts with alignment.
 
 Every ``every`` alignment updates, one *round*:
 

@@ -1,4 +1,4 @@
-"""RL on the denoising MDP (DDPO-style REINFORCE/PPO) and its pieces (DESIGN §4).
+"""RL on the denoising MDP (DDPO-style REINFORCE/PPO) and its pieces (docs/design.md §4).
 
 The denoising chain is an MDP: state ``(x_k, k, c)``, action ``x_{k−1}``, reward ``R(x_0)`` at
 the end. These are the pure loss functions; shapes: ``(B, K)`` for per-step quantities
@@ -38,7 +38,7 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Ten
     """Rewards normalised within groups of ``group_size`` consecutive samples.
 
     The samples of one condition (state) form a group; ``(R − mean_group) / (std_group + eps)``
-    is the group baseline of DESIGN §4 (and GRPO). ``rewards``: ``(B,)`` with B a multiple of
+    is the group baseline of docs/design.md §4 (and GRPO). ``rewards``: ``(B,)`` with B a multiple of
     ``group_size``. A group of one falls back to the batch statistics.
     """
     _check_groups(rewards, group_size)

@@ -1,5 +1,5 @@
 """The unified alignment sequence: RL → DPO → SFT, each until its validation reward
-plateaus, for several passes until a pass gains too little (DESIGN §4).
+plateaus, for several passes until a pass gains too little (docs/design.md §4).
 
 All methods train one LoRA adapter; a :class:`~diffalign.align.guards.Guard` keeps the best
 adapter, and each method ends on its best validated adapter.

@@ -3,7 +3,7 @@
 Each round samples candidates (from the reference or the current model), keeps the winners
 by the critic (top-k per condition or a reward quantile over the batch), drops any winner
 whose likelihood under the *reference* is below a threshold (out-of-distribution guard),
-and trains the adapter with the plain diffusion loss on what remains (DESIGN §4).
+and trains the adapter with the plain diffusion loss on what remains (docs/design.md §4).
 
 With ``action_proposals > 0`` the executed action is searched more finely than by sampling:
 the critic ranks the candidates' first actions together with proposals spread over the

@@ -1,6 +1,6 @@
 """Nav1D offline datasets: behaviour policies with known densities, generation, writers, plot.
 
-Three datasets (DESIGN §5):
+Three datasets (docs/design.md §5):
 
 * ``partial`` — the temporally-correlated random policy, starts ``x_0 ~ U(-1, -0.2)``;
 * ``full`` — the same random policy, starts ``x_0 ~ U(-1, 1)``;

@@ -1,4 +1,4 @@
-"""Nav1D: the paper's one-dimensional navigation task (DESIGN §5).
+"""Nav1D: the paper's one-dimensional navigation task (docs/design.md §5).
 
 A point moves on the line ``x ∈ [-1, 1]`` for a fixed horizon ``T``. At step ``t`` the action
 ``a_t ∈ [-1, 1]`` (clipped) moves it to ``x_{t+1} = clip(x_t + δ·a_t, -1, 1)`` and the reward is a
@@ -114,7 +114,7 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 
 class Nav1DEnv(gym.Env):
-    """One-dimensional navigation towards a moving Gaussian reward (DESIGN §5).
+    """One-dimensional navigation towards a moving Gaussian reward (docs/design.md §5).
 
     Args:
         horizon: episode length ``T``; the episode is truncated after exactly ``T`` steps and

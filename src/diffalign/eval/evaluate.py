@@ -7,7 +7,7 @@ x100; for Nav1D 100 = the DP optimum), ``coherency``, ``entropy``, ``decisions_p
 where the env reports it, ``success_rate``; plus ``OUT/eval.png`` (for Nav1D the evaluation
 trajectories over the reward field).
 
-Coherency (DESIGN §5): planners — ``coherency_planner`` of the chosen plans under the env's
+Coherency (docs/design.md §5): planners — ``coherency_planner`` of the chosen plans under the env's
 dynamics (Nav1D: position dynamics, tol = step_size / 10; plan positions past an episode's
 end are left out; DD's actions come from its inverse dynamics); policies —
 ``coherency_policy`` of the sampled first actions under the dataset's behaviour policy (Nav1D:

@@ -3,7 +3,7 @@
 - :func:`return_stats`, :func:`normalized_score` (D4RL convention, x100),
   :func:`reference_scores` and :data:`D4RL_REF_SCORES`;
 - :func:`success_rate`;
-- :func:`coherency_planner` and :func:`coherency_policy` (DESIGN §5, the paper's Eqs. 15-16);
+- :func:`coherency_planner` and :func:`coherency_policy` (docs/design.md §5, the paper's Eqs. 15-16);
 - :func:`candidate_entropy` (Gaussian-fit differential entropy of candidate samples).
 """
 
@@ -152,7 +152,7 @@ def coherency_planner(
     ``(B*(H-1), obs_dim)`` and ``(B*(H-1), act_dim)`` numpy arrays and returns the next
     states ``(B*(H-1), obs_dim)``. ``dims`` restricts the error to some state dimensions
     (e.g. leave out a time feature). 1 means every plan obeys the dynamics; an error of one
-    ``tol`` gives exp(-1/2). DESIGN §5 uses ``tol = δ/10`` for Nav1D.
+    ``tol`` gives exp(-1/2). docs/design.md §5 uses ``tol = δ/10`` for Nav1D.
     """
     s, a = _np(states), _np(actions)
     if s.ndim != 3 or a.ndim != 3 or s.shape[:2] != a.shape[:2]:

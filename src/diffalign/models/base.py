@@ -1,4 +1,4 @@
-"""The ``ControlModel`` protocol shared by every diffusion model for control (DESIGN §3).
+"""The ``ControlModel`` protocol shared by every diffusion model for control (docs/design.md §3).
 
 A control model owns one denoiser ``net`` (the only module alignment/LoRA touches), one
 stateless diffusion ``process`` and the ``normalizers`` of its data. Everything that crosses

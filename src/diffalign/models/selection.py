@@ -1,4 +1,4 @@
-"""Action selection over N sampled candidates (DESIGN §3).
+"""Action selection over N sampled candidates (docs/design.md §3).
 
 Policies (Diffusion Policy): ``"expectation"`` (mean of the N action chunks), ``"idql_greedy"``
 (argmax of the critic's Q over the N) and ``"idql_softmax"`` (one drawn with probability

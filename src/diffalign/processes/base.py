@@ -1,4 +1,4 @@
-"""The one interface shared by every diffusion process (DESIGN §2).
+"""The one interface shared by every diffusion process (docs/design.md §2).
 
 Conventions used throughout:
 
