@@ -38,8 +38,8 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Ten
     """Rewards normalised within groups of ``group_size`` consecutive samples.
 
     The samples of one condition (state) form a group; ``(R − mean_group) / (std_group + eps)``
-    is the group baseline of docs/design.md §4 (and GRPO). ``rewards``: ``(B,)`` with B a multiple of
-    ``group_size``. A group of one falls back to the batch statistics.
+    is the group baseline of docs/design.md §4 (and GRPO). ``rewards``: ``(B,)`` with B a
+    multiple of ``group_size``. A group of one falls back to the batch statistics.
     """
     _check_groups(rewards, group_size)
     if group_size == 1:

@@ -3,7 +3,8 @@
 - :func:`return_stats`, :func:`normalized_score` (D4RL convention, x100),
   :func:`reference_scores` and :data:`D4RL_REF_SCORES`;
 - :func:`success_rate`;
-- :func:`coherency_planner` and :func:`coherency_policy` (docs/design.md §5, the paper's Eqs. 15-16);
+- :func:`coherency_planner` and :func:`coherency_policy` (docs/design.md §5, the paper's
+  Eqs. 15-16);
 - :func:`candidate_entropy` (Gaussian-fit differential entropy of candidate samples).
 """
 
