@@ -1,6 +1,6 @@
 """Which stage of an alignment run is its answer: chosen on held-out states, never on the
 evaluation episodes, and the reference itself unless a stage is reliably better
-(docs/design.md, "Pessimism and the final stage").
+(docs/design.md §9).
 
 Every candidate (the reference, each stage's adapter, the cascade) draws one sample for each
 of ``states`` held-out dataset states, all with the same noise seed, and the alignment's

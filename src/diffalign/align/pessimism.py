@@ -1,6 +1,5 @@
 """Pessimism from the data: the alignment's reward does not trust the critic off the data's
-support, with a strength measured from the data (docs/design.md, "Pessimism and the final
-stage").
+support, with a strength measured from the data (docs/design.md §9).
 
 The reward of a sample becomes
 

@@ -1,7 +1,7 @@
 """The data's action band: per state, the range of actions the dataset took there.
 
-Alignment uses it to know where the critic has data behind it (docs/design.md, "Pessimism
-and the final stage"). An MLP on the standardised observation predicts, for each action
+Alignment uses it to know where the critic has data behind it (docs/design.md §9). An MLP
+on the standardised observation predicts, for each action
 coordinate, the ``tau`` and ``1 − tau`` quantiles of the standardised action at that state
 (pinball loss); an action inside ``[lo(s), hi(s)]`` is on the data's support. Quantiles and
 not a Gaussian: random-policy data is uniform in a box, and the best actions often sit on its
