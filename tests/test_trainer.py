@@ -370,25 +370,65 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path, method):
     assert (tmp_path / "model.safetensors").is_file()
 
 
-def test_nan_loss_raises_and_keeps_last_good_state(tmp_path):
+def _nan_at(calls_with_nan, seen=None):
+    """regression_loss, made NaN at the given loss calls (1-based); ``seen`` collects the
+    weight the model had at each call."""
     calls = {"n": 0}
 
     def loss_fn(model, bs, g):
         calls["n"] += 1
+        if seen is not None:
+            seen.append(model.weight.detach().clone())
         out = regression_loss(model, bs, g)
-        if calls["n"] >= 7:
+        if calls["n"] in calls_with_nan:
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        fit(nn.Linear(4, 2), loss_fn, cfg(steps=20, ckpt_every=4, log_every=10), tmp_path)
+    return loss_fn
+
+
+def test_nan_loss_rolls_back_to_the_last_good_state_at_half_the_lr(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_mod, "SNAPSHOT_EVERY", 3)
+    seen: list[torch.Tensor] = []
+    c = cfg(steps=12, lr=1e-2, warmup_steps=0, schedule="constant", log_every=1, ckpt_every=5)
+    with pytest.warns(UserWarning, match=r"loss is nan at step 8; went back to the weights "
+                                         r"of step 6 and halved the learning rate"):
+        res = fit(nn.Linear(4, 2), _nan_at({8}, seen), c, tmp_path)
+    assert res.step == 12  # the failed step is done again: all 12 updates happen
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+    assert torch.equal(seen[8], seen[6])  # call 9 starts from the copy made at step 6
+    recs = read_metrics(tmp_path)
+    assert [r["step"] for r in recs] == list(range(1, 13))
+    assert all(math.isfinite(r["train/loss"]) for r in recs)
+    assert [r["train/lr"] for r in recs] == [1e-2] * 7 + [5e-3] * 5
     state = json.loads((tmp_path / STATE_DIR / "state.json").read_text())
-    assert state["step"] == 4
-    calls["n"] = 0
-    with pytest.raises(FloatingPointError, match="loss is nan at step 8"):
-        fit(nn.Linear(4, 2), loss_fn, cfg(steps=20, ckpt_every=0, log_every=4), tmp_path / "b")
-    assert read_metrics(tmp_path / "b")[-1]["train/loss"] is None  # logged as null, raised
-    assert not (tmp_path / "b" / STATE_DIR).exists()
+    assert state["step"] == 12 and state["nan_restarts"] == 1
+
+
+def test_nan_loss_twice_stops_with_training_diverged(tmp_path):
+    from diffalign.errors import TrainingDiverged, UserError
+
+    c = cfg(steps=20, ckpt_every=4, log_every=10)
+    with pytest.warns(UserWarning, match="halved"), \
+            pytest.raises(TrainingDiverged, match="loss is nan at step 7 after a restart at "
+                                                  "half the learning rate") as e:
+        fit(nn.Linear(4, 2), _nan_at(set(range(7, 100))), c, tmp_path)
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
+    state = json.loads((tmp_path / STATE_DIR / "state.json").read_text())
+    assert state["step"] == 4  # the last good state on disk is kept
+    # a NaN at the very first step: no good state to go back to
+    with pytest.raises(TrainingDiverged, match="no earlier step"):
+        fit(nn.Linear(4, 2), _nan_at({1}), cfg(steps=5), tmp_path / "c")
+
+
+def test_nan_restart_count_survives_resume(tmp_path):
+    from diffalign.errors import TrainingDiverged
+
+    c = cfg(steps=10, ckpt_every=5, log_every=5)
+    with pytest.warns(UserWarning, match="halved"):
+        fit(nn.Linear(4, 2), _nan_at({3}), c, tmp_path)
+    with pytest.raises(TrainingDiverged, match="after a restart"):
+        fit(nn.Linear(4, 2), _nan_at({1}), cfg(steps=15, ckpt_every=5, log_every=5), tmp_path)
 
 
 def test_without_tensorboard_writes_jsonl_and_warns_once(tmp_path, monkeypatch):

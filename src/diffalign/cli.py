@@ -3,6 +3,12 @@
 Each command is a dataclass (its fields are the flags, their docstrings the help text) and a
 function taking it; tyro builds the parser, so defaults and help cannot drift from the code.
 Commands with two words (``diffalign nav1d optimum``) are looked up by both words.
+
+Exit codes say the cause: 0 done; 2 bad input, reported in one line (the arguments, which
+includes any exception raised while tyro builds and validates the command's dataclass, or
+a :class:`~diffalign.errors.UserError` or missing/misplaced file while the command runs);
+130 interrupted. Any other exception is a fault of the program: it propagates with its
+traceback (exit 1 from the console script).
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from .errors import UserError
 
 __all__ = ["COMMANDS", "main"]
 
@@ -81,9 +89,18 @@ COMMANDS: dict[str, Command] = {
                      _loader("bench", "BenchArgs", "bench_main")),
 }
 
-#: Exceptions that are the user's input being wrong: reported in one line, exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError,
-                                                 FileExistsError, KeyError)
+#: Exceptions of a running command that are the user's input being wrong: reported in one
+#: line, exit code 2. A ValueError or KeyError from inside a command is not among them: it
+#: may as well be a fault of the program, whose traceback must not be lost.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, FileExistsError,
+                                                 IsADirectoryError, NotADirectoryError)
+
+
+def _report(name: str, e: BaseException) -> int:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    line = " ".join(str(msg).split()) or type(e).__name__
+    print(f"diffalign {name}: error: {line}", file=sys.stderr)
+    return 2
 
 
 def _usage() -> str:
@@ -119,11 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                            description=COMMANDS[name].summary)
         except SystemExit as e:  # --help (0) or a parse/validation error tyro reported (2)
             return int(e.code or 0)
+        except Exception as e:  # raised by __post_init__: the arguments are wrong
+            return _report(name, e)
         fn(cfg)
     except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"diffalign {name}: error: {msg}", file=sys.stderr)
-        return 2
+        return _report(name, e)
     except KeyboardInterrupt:
         print(f"diffalign {name}: interrupted", file=sys.stderr)
         return 130

@@ -194,18 +194,42 @@ def save_adapter(net: nn.Module, directory: str | Path, extra: dict | None = Non
 
 
 def load_adapter(net: nn.Module, directory: str | Path) -> nn.Module:
-    """Wrap a (reference) ``net`` with the adapter saved in ``directory``."""
-    from peft import set_peft_model_state_dict
+    """Wrap a (reference) ``net`` with the adapter saved in ``directory``.
+
+    The file must hold every LoRA tensor the config's targets give this network, and no
+    other: a partial adapter would leave the missing layers at their fresh initialisation
+    (B = 0, the reference) without a word. Anything else wrong raises CheckpointError.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     directory = Path(directory)
     cfg_path = directory / ADAPTER_CONFIG
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory} has no {ADAPTER_CONFIG}: not a LoRA adapter")
-    cfg = json.loads(cfg_path.read_text())
-    wrapped = add_lora(net, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
-                       targets=list(cfg["target_modules"]))
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupted {cfg_path}: {e}") from e
+    try:
+        r, alpha, dropout = cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]
+        targets = list(cfg["target_modules"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path} is not a LoRA adapter config: lacks {e}") from e
     tensors = load_tensors(directory / ADAPTER_WEIGHTS, device=_device(net))
-    result = set_peft_model_state_dict(wrapped, tensors)
+    try:
+        wrapped = add_lora(net, r=r, alpha=alpha, dropout=dropout, targets=targets)
+    except ValueError as e:  # peft: a target module this network does not have
+        raise CheckpointError(f"adapter in {directory} does not fit this network: {e}") from e
+    expected = set(get_peft_model_state_dict(wrapped))
+    missing = sorted(expected - set(tensors))
+    if missing:
+        raise CheckpointError(f"adapter in {directory} is incomplete: {len(missing)} of "
+                              f"{len(expected)} LoRA tensors are missing from "
+                              f"{ADAPTER_WEIGHTS} (e.g. {missing[0]!r})")
+    try:
+        result = set_peft_model_state_dict(wrapped, tensors)
+    except RuntimeError as e:  # shapes: another rank or another network
+        raise CheckpointError(f"adapter in {directory} does not fit this network: {e}") from e
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise CheckpointError(f"adapter in {directory} does not fit this network: unexpected "

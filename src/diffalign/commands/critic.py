@@ -1,4 +1,10 @@
-"""``diffalign critic``: train the IQL critic on a task's offline data (a thin library call)."""
+"""``diffalign critic``: train the IQL critic on a task's offline data (a thin library call).
+
+The global RNGs are seeded from ``--seed`` first, so two runs with the same settings write
+bit-identical critics (on CPU). A killed run resumes from ``OUT/train_state``; a state
+written with other critic settings (expectile, gamma, backup, ensemble, seed, task, ...) is
+refused.
+"""
 
 from __future__ import annotations
 
@@ -108,6 +114,25 @@ class CriticArgs:
             ensemble=self.ensemble, seed=self.seed, device=self.device)
 
 
+# CriticConfig fields that are the trainer's own: it warns when the optimisation settings
+# change on resume, and the step count may grow
+_NOT_SETTINGS = {"steps", "device", "lr", "batch_size", "weight_decay", "grad_clip",
+                 "warmup_steps", "schedule", "log_every", "ckpt_every"}
+
+
+def resume_settings(args: CriticArgs) -> dict[str, Any]:
+    """What determines a critic run's result: recorded in its training state, and a resume
+    with other values is refused."""
+    from dataclasses import asdict
+
+    settings = {k: v for k, v in asdict(args.critic_config()).items() if k not in _NOT_SETTINGS}
+    settings["task"] = args.task
+    if args.task.startswith("nav1d/"):  # the generated dataset
+        settings.update(layout_seed=args.layout_seed, episodes=args.episodes,
+                        data_seed=args.data_seed)
+    return settings
+
+
 def nav1d_critic_check(critic: Any, episodes: Any, layout_seed: int = 0, seed: int = 0
                        ) -> dict[str, float]:
     """How well a critic ranks actions on Nav1D data.
@@ -170,6 +195,7 @@ def nav1d_greedy_return(critic: Any, layout_seed: int = 0, episodes: int = 200,
 
 def critic_main(args: CriticArgs) -> dict[str, Any]:
     """Train and save the critic; print and return a summary (losses and values on the data)."""
+    from diffalign.errors import UserError
     from diffalign.models.critic import (
         evaluate_critic,
         resolve_timeouts_as_terminals,
@@ -177,11 +203,17 @@ def critic_main(args: CriticArgs) -> dict[str, Any]:
         transitions_from_episodes,
     )
     from diffalign.tasks import resolve_task
+    from diffalign.train.trainer import run_settings, seed_everything
 
-    task = resolve_task(args.task, layout_seed=args.layout_seed, episodes=args.episodes,
-                        seed=args.data_seed, download=args.download)
+    try:
+        task = resolve_task(args.task, layout_seed=args.layout_seed, episodes=args.episodes,
+                            seed=args.data_seed, download=args.download)
+    except ValueError as e:  # an unknown task or dataset name
+        raise UserError(str(e)) from e
     cfg = args.critic_config()
-    critic = train_critic(task.episodes, cfg, args.out, progress=args.progress)
+    seed_everything(args.seed)
+    with run_settings(resume_settings(args)):
+        critic = train_critic(task.episodes, cfg, args.out, progress=args.progress)
     data = transitions_from_episodes(task.episodes,
                                      resolve_timeouts_as_terminals(cfg, task.episodes))
     stats = evaluate_critic(critic, data)

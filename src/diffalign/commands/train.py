@@ -3,7 +3,11 @@
 A thin call into the library: resolve the task, build the model, run the generic trainer and
 save ``OUT/config.json`` (task, spec, obs/act dims, training settings) and
 ``OUT/model.safetensors`` (EMA weights and normalisers). A killed run resumes from
-``OUT/train_state``.
+``OUT/train_state``; a state written with another task, model, process or seed is refused.
+
+The global RNGs are seeded from ``--seed`` before the model is built, so its initial weights,
+and with them the whole run, depend on the seed alone: two runs with the same settings write
+bit-identical checkpoints (on CPU).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["TRAIN_STEPS", "TrainArgs", "train_main", "train_model"]
+__all__ = ["TRAIN_STEPS", "TrainArgs", "resume_settings", "train_main", "train_model"]
 
 TRAIN_STEPS = {"diffuser": 3000, "dd": 3000, "dp": 3000}
 """Default optimiser steps per kind (a couple of minutes on 2 CPU cores for Nav1D)."""
@@ -111,22 +115,40 @@ def _task_meta(task, args: TrainArgs) -> dict[str, Any]:
     return meta
 
 
+def resume_settings(args: TrainArgs, spec: dict[str, Any]) -> dict[str, Any]:
+    """What determines a training run's result beyond its optimisation settings: recorded
+    in its training state, and a resume with other values is refused."""
+    settings: dict[str, Any] = {"task": args.task, "model": args.model,
+                                "process": args.process, "spec": spec, "seed": args.seed}
+    if args.task.startswith("nav1d/"):  # the generated dataset's size and layout
+        settings.update(layout_seed=args.layout_seed, episodes=args.episodes)
+    return settings
+
+
 def train_model(args: TrainArgs):
     """Build and train; returns ``(model, fit_result, train_config)``. Validates first."""
+    from ..errors import UserError
     from ..models.registry import build_model
     from ..tasks import resolve_task
-    from ..train.trainer import TrainConfig, fit
+    from ..train.trainer import TrainConfig, fit, seed_everything
 
-    task = resolve_task(args.task, layout_seed=args.layout_seed, episodes=args.episodes,
-                        download=args.download)
+    try:
+        task = resolve_task(args.task, layout_seed=args.layout_seed, episodes=args.episodes,
+                            download=args.download)
+    except ValueError as e:  # an unknown task or dataset name
+        raise UserError(str(e)) from e
     overrides = {k: getattr(args, k) for k in ("horizon", "obs_history", "action_horizon")
                  if getattr(args, k) is not None}
     if args.state_cond:
         overrides["state_cond"] = True
     if args.cond_fourier:
         overrides["cond_fourier"] = args.cond_fourier
-    model = build_model(args.model, args.process, args.backbone, obs_dim=task.obs_dim,
-                        act_dim=task.act_dim, meta=_task_meta(task, args), **overrides)
+    seed_everything(args.seed)  # the initial weights
+    try:
+        model = build_model(args.model, args.process, args.backbone, obs_dim=task.obs_dim,
+                            act_dim=task.act_dim, meta=_task_meta(task, args), **overrides)
+    except ValueError as e:  # sizes that do not fit the kind or the backbone
+        raise UserError(str(e)) from e
     dataset = model.make_dataset(task.episodes)
     cfg = TrainConfig(steps=args.steps or TRAIN_STEPS[args.model], batch_size=args.batch_size,
                       lr=args.lr, seed=args.seed, device=args.device, bf16=args.bf16,
@@ -138,7 +160,8 @@ def train_model(args: TrainArgs):
     def save_fn(path, m):
         m.save(path, extra_config={"train": asdict(cfg)})
 
-    res = fit(model, loss_fn, cfg, out_dir=args.out, save_fn=save_fn)
+    res = fit(model, loss_fn, cfg, out_dir=args.out, save_fn=save_fn,
+              settings=resume_settings(args, model.spec.to_dict()))
     return res.ema_model, res, cfg
 
 

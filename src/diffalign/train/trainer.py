@@ -13,9 +13,21 @@ seeded from ``cfg.seed`` at a fresh start and restored on resume as a fallback, 
 generator is per-rank under ``torchrun``.
 
 Training state lives in ``out_dir/train_state/``: ``state.json`` (step, config, optimiser
-and scheduler structure, RNG scalars) and ``tensors-<step>.safetensors`` (model, EMA,
-optimiser moments, RNG states). ``state.json`` is written last and atomically and names its
-tensor file, so a kill during a save leaves the previous state in force. Nothing is pickled.
+and scheduler structure, RNG scalars, the run's settings) and ``tensors-<step>.safetensors``
+(model, EMA, optimiser moments, RNG states). ``state.json`` is written last and atomically
+and names its tensor file (and its SHA-256), so a kill during a save leaves the previous
+state in force. Nothing is pickled.
+
+Resuming needs the same run: the settings that determine the result (``fit(settings=...)``,
+or :func:`run_settings` around a library function that calls ``fit``) are recorded in the
+state and a resume with other values is refused with a :class:`~diffalign.errors.UserError`
+naming them (the optimisation settings of :class:`TrainConfig` only warn).
+
+A non-finite loss or gradient norm is caught at the step it happens, before the optimiser
+applies it: the weights, EMA and optimiser go back to the last in-memory copy taken at a
+finite step (one every :data:`SNAPSHOT_EVERY` steps), the learning rate is halved and
+training goes on. A second one ends the run with :class:`~diffalign.errors.TrainingDiverged`.
+Checking costs one host-device sync per step (and one small all-reduce under torchrun).
 
 Multi-process training: see :mod:`diffalign.train.distributed`
 (``torchrun --nproc_per_node=2 -m diffalign.cli train ...``).
@@ -23,10 +35,14 @@ Multi-process training: see :mod:`diffalign.train.distributed`
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
+import json
 import math
 import random
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +51,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..atomic import write_json
+from ..atomic import clean_stale_temps, write_json
+from ..errors import TrainingDiverged, UserError
 from .checkpoint import CheckpointError, load_tensors, read_json, save_model, save_tensors
 from .distributed import (
     DistInfo,
@@ -49,8 +66,9 @@ from .distributed import (
 from .ema import EMA
 from .logging import MetricLogger
 
-__all__ = ["FitResult", "LossFn", "TrainConfig", "adam", "fit", "load_train_state",
-           "lr_factor", "resolve_device", "save_train_state"]
+__all__ = ["SNAPSHOT_EVERY", "FitResult", "LossFn", "TrainConfig", "TrainingDiverged", "adam",
+           "fit", "load_train_state", "lr_factor", "resolve_device", "run_settings",
+           "save_train_state", "seed_everything"]
 
 LossFn = Callable[[nn.Module, int, torch.Generator], dict[str, Tensor]]
 
@@ -77,6 +95,26 @@ STATE_FORMAT = "diffalign.train_state/1"
 
 # config fields whose change between a run and its resumption is harmless
 _RESUME_FREE = {"steps", "log_every", "ckpt_every", "progress", "device"}
+
+SNAPSHOT_EVERY = 25
+"""Steps between the in-memory copies of the training state that a non-finite loss rolls
+back to (a copy costs about one optimiser step's memory traffic)."""
+
+_SETTINGS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "diffalign_run_settings", default=None)
+
+
+@contextlib.contextmanager
+def run_settings(settings: dict[str, Any]) -> Iterator[None]:
+    """Settings that every :func:`fit` inside the block records in its training state and
+    requires unchanged on resume, as if passed as ``fit(settings=...)``; for library
+    functions that call ``fit`` themselves (nested blocks add to the outer ones)."""
+    outer = _SETTINGS.get() or {}
+    token = _SETTINGS.set({**outer, **settings})
+    try:
+        yield
+    finally:
+        _SETTINGS.reset(token)
 
 
 @dataclass
@@ -252,7 +290,9 @@ def _set_numpy_state(meta: dict, keys: Tensor) -> None:
                          meta["has_gauss"], meta["cached_gaussian"]))
 
 
-def _seed_globals(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's global RNG and torch's (CPU and every CUDA device):
+    what a model's initialisation draws from."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -265,16 +305,19 @@ def save_train_state(directory: str | Path, *, step: int, model: nn.Module, ema:
                      optimizer: torch.optim.Optimizer,
                      scheduler: torch.optim.lr_scheduler.LRScheduler,
                      generator_states: list[Tensor], config: dict,
-                     world_size: int = 1) -> Path:
+                     world_size: int = 1, settings: dict[str, Any] | None = None,
+                     nan_restarts: int = 0) -> Path:
     """Write a resumable state (tensors first, then ``state.json`` atomically, then clean up).
 
-    ``generator_states``: the trainer generators' states, one per rank.
+    ``generator_states``: the trainer generators' states, one per rank. ``settings``: the
+    run's result-determining settings (JSON), checked on resume.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     meta: dict[str, Any] = {"format": STATE_FORMAT, "step": int(step),
-                            "world_size": int(world_size), "config": config}
+                            "world_size": int(world_size), "config": config,
+                            "settings": settings, "nan_restarts": int(nan_restarts)}
     meta["model"] = _encode(dict(model.state_dict()), "model", tensors)
     meta["ema"] = _encode(dict(ema.state_dict()), "ema", tensors) if ema is not None else None
     meta["optimizer"] = _optim_encode(optimizer.state_dict(), tensors)
@@ -292,15 +335,14 @@ def save_train_state(directory: str | Path, *, step: int, model: nn.Module, ema:
     name = f"tensors-{int(step):09d}.safetensors"
     meta["tensors"] = name
     # copies: safetensors refuses tensors that share memory (tied weights)
-    save_tensors(directory / name, {k: v.detach().to("cpu", copy=True).contiguous()
-                                    for k, v in tensors.items()})
+    meta["tensors_sha256"] = save_tensors(
+        directory / name, {k: v.detach().to("cpu", copy=True).contiguous()
+                           for k, v in tensors.items()})
     write_json(directory / STATE_JSON, meta)  # the commit point
     for old in directory.glob("tensors-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
-    for tmp in directory.glob(".*"):  # temp files left by a killed save
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
+    clean_stale_temps(directory)  # temp files left by a killed save
     return directory
 
 
@@ -309,9 +351,10 @@ def load_train_state(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
     directory = Path(directory)
     path = directory / STATE_JSON
     meta = read_json(path, f"{directory} has no {STATE_JSON}: no complete training state")
-    if meta.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}")
-    return meta, load_tensors(directory / meta["tensors"])
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: unknown format {got!r}")
+    return meta, load_tensors(directory / meta["tensors"], sha256=meta.get("tensors_sha256"))
 
 
 def _has_state(out_dir: Path | None) -> bool:
@@ -341,7 +384,7 @@ def fit(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, out_dir: str | Path
         save_fn: Callable[[Path, nn.Module], None] | None = None,
         params: Iterable[nn.Parameter] | None = None,
         after_step: Callable[[nn.Module, int], None] | None = None,
-        log_prefix: str = "train") -> FitResult:
+        log_prefix: str = "train", settings: dict[str, Any] | None = None) -> FitResult:
     """Train ``model`` for ``cfg.steps`` steps of ``loss_fn``; resume from ``out_dir`` if a
     training state is there.
 
@@ -354,19 +397,95 @@ def fit(model: nn.Module, loss_fn: LossFn, cfg: TrainConfig, out_dir: str | Path
     At the end ``save_fn(out_dir, ema_model)`` is called, or, without it,
     ``save_model(out_dir, ema_model, {"train": asdict(cfg)})`` writes ``config.json`` and
     ``model.safetensors``. Without ``out_dir`` nothing is logged or saved.
+
+    ``settings`` (JSON-able, merged over those of an enclosing :func:`run_settings`): what
+    determines the result beyond ``cfg`` (task, model, ...); a training state written with
+    other values is not resumed (:class:`~diffalign.errors.UserError` naming them).
+    A non-finite loss restarts once from the last good copy at half the learning rate; a
+    second one raises :class:`~diffalign.errors.TrainingDiverged`.
     """
     out = Path(out_dir) if out_dir is not None else None
+    merged = {**(_SETTINGS.get() or {}), **(settings or {})}
     dev0 = resolve_device(cfg.device)
     info = init_distributed(dev0.type)
     try:
-        return _fit(model, loss_fn, cfg, out, save_fn, params, after_step, log_prefix, info)
+        return _fit(model, loss_fn, cfg, out, save_fn, params, after_step, log_prefix, info,
+                    _as_json(merged) if merged else None)
     finally:
         if info.owns_group:
             cleanup_distributed(info)
 
 
+def _as_json(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as they read back from ``state.json`` (tuples become lists, paths str)."""
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _check_settings(directory: Path, saved: Any, settings: dict[str, Any] | None) -> None:
+    """Refuse to resume a state whose recorded settings differ from this run's."""
+    if not isinstance(saved, dict) or not settings:
+        return  # a state from before settings were recorded, or a run that records none
+    old, new = _flatten(saved), _flatten(settings)
+
+    def short(v: Any) -> str:
+        r = repr(v)
+        return r if len(r) <= 40 else r[:37] + "..."
+
+    diff = [f"{k} {short(old[k])} -> {short(new[k])}" for k in sorted(set(old) & set(new))
+            if old[k] != new[k]]
+    if diff:
+        run = directory.parent
+        raise UserError(f"{run} holds a run with other settings ({'; '.join(diff)}): it cannot "
+                        f"be resumed; use a new --out, or delete {run} to start afresh")
+
+
+@dataclass
+class _Snapshot:
+    """An in-memory copy of the training state at a step whose loss was finite."""
+
+    step: int
+    model: dict[str, Tensor]
+    ema: dict[str, Tensor] | None
+    optimizer: dict[str, Any]
+
+
+def _snapshot(step: int, model: nn.Module, ema: EMA | None,
+              optimizer: torch.optim.Optimizer) -> _Snapshot:
+    return _Snapshot(step, {k: v.detach().clone() for k, v in model.state_dict().items()},
+                     ({k: v.detach().clone() for k, v in ema.state_dict().items()}
+                      if ema is not None else None),
+                     copy.deepcopy(optimizer.state_dict()))
+
+
+def _roll_back(snap: _Snapshot, step: int, cfg: TrainConfig, model: nn.Module,
+               ema: EMA | None, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Put back ``snap``'s weights, EMA and optimiser moments; halve the learning rate from
+    ``step`` on (the schedule keeps its place: only its peak halves)."""
+    model.load_state_dict(snap.model, strict=True)
+    if ema is not None and snap.ema is not None:
+        ema.load_state_dict(snap.ema)
+    # a copy: the optimiser adopts CPU tensors in place, and the snapshot must stay intact
+    optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
+    scheduler.base_lrs = [lr / 2 for lr in scheduler.base_lrs]
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["initial_lr"] = base
+        group["lr"] = base * lr_factor(step, cfg)
+    model.zero_grad(set_to_none=True)
+
+
 def _fit(model, loss_fn, cfg, out, save_fn, params, after_step, log_prefix,
-         info: DistInfo) -> FitResult:
+         info: DistInfo, settings: dict[str, Any] | None = None) -> FitResult:
     device = resolve_device(cfg.device, info)
     main = info.is_main
     model.to(device)
@@ -383,12 +502,13 @@ def _fit(model, loss_fn, cfg, out, save_fn, params, after_step, log_prefix,
 
     generator = torch.Generator()  # CPU: batches are drawn on the host, then moved
     step = 0
+    nan_restarts = 0
     if _has_state(out):
-        step = _restore(out / STATE_DIR, cfg, info, model, ema, optimizer, scheduler,
-                        generator)
+        step, nan_restarts = _restore(out / STATE_DIR, cfg, info, model, ema, optimizer,
+                                      scheduler, generator, settings)
     else:
         generator.manual_seed(rank_seed(cfg.seed, info.rank))
-        _seed_globals(rank_seed(cfg.seed, info.rank))
+        seed_everything(rank_seed(cfg.seed, info.rank))
     resumed_from = step
 
     logger = MetricLogger(out, enabled=main, resume_step=step)
@@ -400,6 +520,7 @@ def _fit(model, loss_fn, cfg, out, save_fn, params, after_step, log_prefix,
     last: dict[str, float] = {}
     sums: dict[str, Tensor] = {}
     count = 0
+    snap: _Snapshot | None = None
     try:
         while step < cfg.steps:
             lr_used = optimizer.param_groups[0]["lr"]
@@ -411,15 +532,39 @@ def _fit(model, loss_fn, cfg, out, save_fn, params, after_step, log_prefix,
                 raise TypeError(f"loss_fn must return a dict with key 'loss', got {got}")
             model.zero_grad(set_to_none=True)
             optimizer.zero_grad(set_to_none=True)
-            res["loss"].float().backward()
+            loss = res["loss"].float()
+            loss.backward()
             if info.enabled:
                 all_reduce_grads(params, info.world_size)
             log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
-            gnorm = None
             if cfg.grad_clip > 0:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            elif log_now:
+            else:
                 gnorm = _total_norm(params)
+            # checked before the update, so a bad batch never reaches the weights
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(gnorm.detach())
+            if info.enabled:  # every rank must take the same branch
+                finite = all_reduce_mean({"ok": finite.float()}, info.world_size,
+                                         device)["ok"] == 1
+            if not bool(finite):
+                loss_val = float(loss.detach())
+                what = (f"loss is {loss_val}" if not math.isfinite(loss_val)
+                        else f"gradient norm is {float(gnorm)}")
+                if snap is None or nan_restarts >= 1:
+                    how = ("after a restart at half the learning rate" if nan_restarts
+                           else "and no earlier step of this run had a finite loss")
+                    raise TrainingDiverged(
+                        f"{log_prefix}: {what} at step {step + 1} {how}; training diverged "
+                        f"(lower the learning rate: it was {lr_used:.3g} at that step)")
+                _roll_back(snap, step, cfg, model, ema, optimizer, scheduler)
+                nan_restarts += 1
+                if main:
+                    warnings.warn(f"{log_prefix}: {what} at step {step + 1}; went back to the "
+                                  f"weights of step {snap.step} and halved the learning rate",
+                                  stacklevel=3)
+                continue
+            if snap is None or step - snap.step >= SNAPSHOT_EVERY:
+                snap = _snapshot(step, model, ema, optimizer)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -433,29 +578,21 @@ def _fit(model, loss_fn, cfg, out, save_fn, params, after_step, log_prefix,
             count += 1
             if log_now:
                 vals = {k: v / count for k, v in sums.items()}
-                if gnorm is not None:
-                    vals["grad_norm"] = gnorm.detach().float().reshape(())
+                vals["grad_norm"] = gnorm.detach().float().reshape(())
                 if info.enabled:
                     vals = all_reduce_mean(vals, info.world_size, device)
                 last = {f"{log_prefix}/{k}": float(v) for k, v in vals.items()}
                 last[f"{log_prefix}/lr"] = float(lr_used)
                 logger.log(step, last)
-                loss_now = last[f"{log_prefix}/loss"]
-                if not math.isfinite(loss_now):
-                    raise FloatingPointError(f"{log_prefix}: loss is {loss_now} at step {step}")
                 sums, count = {}, 0
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss_now:.4g}", refresh=False)
+                    bar.set_postfix(loss=f"{last[f'{log_prefix}/loss']:.4g}", refresh=False)
             if bar is not None:
                 bar.update(1)
             if out is not None and (step == cfg.steps
                                     or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0)):
-                # never overwrite a good state with a diverged one (one sync per checkpoint)
-                if "loss" in sums and not bool(torch.isfinite(sums["loss"])):
-                    raise FloatingPointError(f"{log_prefix}: non-finite loss before step {step}"
-                                             f"; the checkpoint was not saved")
                 _checkpoint(out / STATE_DIR, cfg, info, step, model, ema, optimizer, scheduler,
-                            generator)
+                            generator, settings, nan_restarts)
     finally:
         if bar is not None:
             bar.close()
@@ -488,20 +625,24 @@ def _gather_generators(generator: torch.Generator, info: DistInfo,
 
 
 def _checkpoint(directory: Path, cfg: TrainConfig, info: DistInfo, step: int, model, ema,
-                optimizer, scheduler, generator) -> None:
+                optimizer, scheduler, generator, settings: dict[str, Any] | None = None,
+                nan_restarts: int = 0) -> None:
     device = next(model.parameters()).device
     gens = _gather_generators(generator, info, device)  # collective: every rank
     if info.is_main:
         save_train_state(directory, step=step, model=model, ema=ema, optimizer=optimizer,
                          scheduler=scheduler, generator_states=gens, config=asdict(cfg),
-                         world_size=info.world_size)
+                         world_size=info.world_size, settings=settings,
+                         nan_restarts=nan_restarts)
     if info.enabled:
         torch.distributed.barrier()
 
 
 def _restore(directory: Path, cfg: TrainConfig, info: DistInfo, model, ema, optimizer,
-             scheduler, generator) -> int:
+             scheduler, generator, settings: dict[str, Any] | None = None) -> tuple[int, int]:
+    """Load the state in ``directory``; return ``(step, nan_restarts)``."""
     meta, tensors = load_train_state(directory)
+    _check_settings(directory, meta.get("settings"), settings)
     old_cfg = meta.get("config", {})
     changed = {k: (old_cfg.get(k), v) for k, v in asdict(cfg).items()
                if k not in _RESUME_FREE and old_cfg.get(k) != v}
@@ -549,5 +690,5 @@ def _restore(directory: Path, cfg: TrainConfig, info: DistInfo, model, ema, opti
         _set_numpy_state(npm, _decode(npm["keys"], tensors))
         random.setstate(_decode(meta["rng_python"], tensors))
     else:  # only rank 0's global RNG states are saved
-        _seed_globals((rank_seed(cfg.seed, info.rank) + 7919 * step) % 2**32)
-    return step
+        seed_everything((rank_seed(cfg.seed, info.rank) + 7919 * step) % 2**32)
+    return step, int(meta.get("nan_restarts", 0))
