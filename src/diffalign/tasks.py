@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .data.episodes import Episodes
+from .errors import UserError
 
 __all__ = ["Task", "data_dir", "resolve_task", "sim_dataset_path"]
 
@@ -78,7 +79,7 @@ def resolve_task(task: str, layout_seed: int = 0, episodes: int = 1000, seed: in
     if task.startswith("nav1d/"):
         kind = task.split("/", 1)[1]
         if kind not in NAV1D_KINDS:
-            raise ValueError(f"unknown Nav1D dataset {kind!r} in task {task!r}; choose one of "
+            raise UserError(f"unknown Nav1D dataset {kind!r} in task {task!r}; choose one of "
                              f"{', '.join('nav1d/' + k for k in NAV1D_KINDS)}")
         import gymnasium as gym
 
@@ -98,7 +99,7 @@ def resolve_task(task: str, layout_seed: int = 0, episodes: int = 1000, seed: in
     if path.suffix in (".hdf5", ".h5") and not path.exists():
         raise FileNotFoundError(f"dataset file {task!r} does not exist")
     if path.suffix not in (".hdf5", ".h5") and "/" not in task:
-        raise ValueError(f"unknown task {task!r}: use nav1d/{{partial,full,expert}}, "
+        raise UserError(f"unknown task {task!r}: use nav1d/{{partial,full,expert}}, "
                          "FAMILY/NAME/DATASET (e.g. mujoco/hopper/medium), a dataset "
                          "file (.hdf5/.h5) or a local Minari dataset id")
     if download and not path.exists():
@@ -186,12 +187,12 @@ def _split_sim_task(task: str) -> tuple[str, str] | None:
 
         sim_spec(sim)  # raises ValueError naming the task and listing the known ones
     if len(parts) == 2:
-        raise ValueError(f"task {task!r} names an environment but no dataset: use "
+        raise UserError(f"task {task!r} names an environment but no dataset: use "
                          f"{task}/DATASET, e.g. {task}/{SIM_TASKS[sim].policies[0]} "
                          f"(collect one with `diffalign collect {task} --policy "
                          f"{SIM_TASKS[sim].policies[0]} --out FILE.hdf5`)")
     if len(parts) > 3 or not parts[2]:
-        raise ValueError(f"task {task!r}: expected FAMILY/NAME/DATASET, e.g. {sim}/"
+        raise UserError(f"task {task!r}: expected FAMILY/NAME/DATASET, e.g. {sim}/"
                          f"{SIM_TASKS[sim].policies[0]}")
     return sim, parts[2]
 

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+
 __all__ = ["MODELS", "PROCESSES", "SUITES", "SUITE_METRIC", "BenchSizes", "Cell", "make_cells",
            "parse_list", "parse_seeds", "parse_sizes", "run_bench", "task_string"]
 
@@ -59,9 +61,9 @@ def task_string(suite: str, task: str) -> str:
 def check_task(suite: str, task: str) -> None:
     """Raise ValueError naming ``suite`` or ``task`` when it is not in :data:`SUITES`."""
     if suite not in SUITES:
-        raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
+        raise UserError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
     if task not in SUITES[suite]:
-        raise ValueError(f"task {task!r} is not in suite {suite!r}; its tasks are "
+        raise UserError(f"task {task!r} is not in suite {suite!r}; its tasks are "
                          f"{', '.join(SUITES[suite])}")
 
 
@@ -147,18 +149,18 @@ class BenchSizes:
 
     def __post_init__(self) -> None:
         if self.rl_group_scale not in (0, 1):
-            raise ValueError(f"size rl_group_scale must be 0 or 1, got "
+            raise UserError(f"size rl_group_scale must be 0 or 1, got "
                              f"rl_group_scale={self.rl_group_scale!r}")
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name in FLOAT_SIZES:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                    raise ValueError(f"size {f.name} must be a number >= 0, got "
+                    raise UserError(f"size {f.name} must be a number >= 0, got "
                                      f"{f.name}={v!r}")
                 continue
             low = 0 if f.name in ("denoise_steps", "rl_group_scale") else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"size {f.name} must be an integer >= {low}, got "
+                raise UserError(f"size {f.name} must be an integer >= {low}, got "
                                  f"{f.name}={v!r}")
 
     @classmethod
@@ -195,17 +197,17 @@ def parse_sizes(text: str | dict | None, quick: bool = False, suite: str = "nav1
             key, eq, value = part.partition("=")
             key = key.strip()
             if not eq:
-                raise ValueError(f"size override {part.strip()!r} is not KEY=VALUE")
+                raise UserError(f"size override {part.strip()!r} is not KEY=VALUE")
             try:
                 items[key] = float(value) if key in FLOAT_SIZES else int(value)
             except ValueError:
                 kind = "a number" if key in FLOAT_SIZES else "an integer"
-                raise ValueError(f"size {key} must be {kind}, got {key}={value.strip()!r}"
+                raise UserError(f"size {key} must be {kind}, got {key}={value.strip()!r}"
                                  ) from None
     known = {f.name for f in fields(BenchSizes)}
     bad = sorted(set(items) - known)
     if bad:
-        raise ValueError(f"unknown size(s) {', '.join(bad)}; valid: {', '.join(sorted(known))}")
+        raise UserError(f"unknown size(s) {', '.join(bad)}; valid: {', '.join(sorted(known))}")
     return replace(base, **items)
 
 
@@ -218,10 +220,10 @@ def parse_list(value: str | Sequence[str] | None, name: str, choices: Sequence[s
     items = [v for v in items if v]
     bad = [v for v in items if v not in choices]
     if bad:
-        raise ValueError(f"unknown {name} {', '.join(repr(b) for b in bad)}; choose from "
+        raise UserError(f"unknown {name} {', '.join(repr(b) for b in bad)}; choose from "
                          f"{', '.join(choices)}")
     if not items:
-        raise ValueError(f"{name} must name at least one value, got {value!r}")
+        raise UserError(f"{name} must name at least one value, got {value!r}")
     return tuple(dict.fromkeys(items))
 
 
@@ -232,14 +234,14 @@ def parse_seeds(value: str | Sequence[int]) -> tuple[int, ...]:
         try:
             seeds = [int(p) for p in parts]
         except ValueError:
-            raise ValueError(f"seeds must be integers, got seeds={value!r}") from None
+            raise UserError(f"seeds must be integers, got seeds={value!r}") from None
     else:
         seeds = list(value)
     if not seeds:
-        raise ValueError(f"seeds must name at least one seed, got seeds={value!r}")
+        raise UserError(f"seeds must name at least one seed, got seeds={value!r}")
     bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
     if bad:
-        raise ValueError(f"seeds must be integers >= 0, got seeds={value!r}")
+        raise UserError(f"seeds must be integers >= 0, got seeds={value!r}")
     return tuple(dict.fromkeys(seeds))
 
 
@@ -247,7 +249,7 @@ def make_cells(suite: str, tasks=None, models=None, processes=None,
                seeds: str | Sequence[int] = (0,)) -> list[Cell]:
     """Every cell of the grid, validated (ValueError naming any bad value)."""
     if suite not in SUITES:
-        raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
+        raise UserError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
     for t in (tasks.split(",") if isinstance(tasks, str) else (tasks or ())):
         if t.strip():
             check_task(suite, t.strip())  # names the suite in the message
@@ -267,7 +269,7 @@ def parse_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
     items = [m.strip() for m in items if m.strip()]
     bad = [m for m in items if m not in METHODS]
     if bad or not items:
-        raise ValueError(f"unknown alignment method(s) {', '.join(map(repr, bad or [methods]))};"
+        raise UserError(f"unknown alignment method(s) {', '.join(map(repr, bad or [methods]))};"
                          f" choose from {', '.join(METHODS)} (comma-separated)")
     return tuple(items)
 
@@ -347,17 +349,17 @@ def run_bench(out: str | Path, suite: str, tasks=None, models=None, processes=No
     method_list = parse_methods(methods)
     size = sizes if isinstance(sizes, BenchSizes) else parse_sizes(sizes, quick, suite)
     if ray not in ("auto", "on", "off"):
-        raise ValueError(f"ray must be auto, on or off, got ray={ray!r}")
+        raise UserError(f"ray must be auto, on or off, got ray={ray!r}")
     if cpus_per_cell <= 0 or gpus_per_cell < 0:
-        raise ValueError(f"cpus_per_cell must be > 0 and gpus_per_cell >= 0, got "
+        raise UserError(f"cpus_per_cell must be > 0 and gpus_per_cell >= 0, got "
                          f"cpus_per_cell={cpus_per_cell}, gpus_per_cell={gpus_per_cell}")
     if threads is not None and (isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads must be >= 1, got threads={threads}")
+        raise UserError(f"threads must be >= 1, got threads={threads}")
     use_ray = ray == "on" or ray_address is not None or (ray == "auto" and ray_available())
     if use_ray and ray == "off":
-        raise ValueError(f"ray_address={ray_address!r} given with ray='off'")
+        raise UserError(f"ray_address={ray_address!r} given with ray='off'")
     if use_ray and not ray_available():
-        raise ValueError("Ray is not installed (pip install ray); drop --ray-address / "
+        raise UserError("Ray is not installed (pip install ray); drop --ray-address / "
                          "--ray on to run the cells one after the other")
     if not use_ray:  # a Ray cluster's workers may have devices this machine lacks
         from ..train.trainer import resolve_device
@@ -365,10 +367,10 @@ def run_bench(out: str | Path, suite: str, tasks=None, models=None, processes=No
         try:
             resolve_device(device)
         except RuntimeError as e:  # torch's message for a malformed device string
-            raise ValueError(f"bad device {device!r}: {e}") from None
+            raise UserError(f"bad device {device!r}: {e}") from None
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"out {str(out)!r} exists and is not a directory")
+        raise UserError(f"out {str(out)!r} exists and is not a directory")
 
     skipped = [c for c in cells if (out / "cells" / c.id / "result.json").exists()]
     pending = [c for c in cells if c not in skipped]

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import UserError
+
 __all__ = ["BenchArgs", "bench_main"]
 
 
@@ -78,9 +80,9 @@ class BenchArgs:
         parse_methods(self.methods)
         parse_sizes(self.sizes, self.quick, self.suite)
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got threads={self.threads}")
+            raise UserError(f"threads must be >= 1, got threads={self.threads}")
         if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"out {str(self.out)!r} exists and is not a directory")
+            raise UserError(f"out {str(self.out)!r} exists and is not a directory")
 
 
 def bench_main(args: BenchArgs) -> dict[str, Any]:

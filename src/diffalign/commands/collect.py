@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
+from ..errors import UserError
+
 __all__ = ["CollectArgs", "collect_main", "collect_task"]
 
 
@@ -70,7 +72,7 @@ class CollectArgs:
         parts = self.task.split("/")
         if len(parts) == 3:
             if self.policy is not None and self.policy != parts[2]:
-                raise ValueError(f"task {self.task!r} names policy {parts[2]!r} but "
+                raise UserError(f"task {self.task!r} names policy {parts[2]!r} but "
                                  f"policy={self.policy!r}")
             self.policy = parts[2]
             self.task = "/".join(parts[:2])
@@ -81,31 +83,31 @@ class CollectArgs:
             hint = ""
             if spec.family == "pusht" and self.policy in ("expert", "noisy"):
                 hint = " (there is no scripted PushT policy)"
-            raise ValueError(f"unknown policy {self.policy!r} for task {self.task!r}{hint}; "
+            raise UserError(f"unknown policy {self.policy!r} for task {self.task!r}{hint}; "
                              f"choose one of {', '.join(spec.policies)}")
         n = self.episodes
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"episodes must be an integer >= 1, got episodes={n!r}")
+            raise UserError(f"episodes must be an integer >= 1, got episodes={n!r}")
         if self.max_episode_steps is not None and self.max_episode_steps < 1:
-            raise ValueError(f"max_episode_steps must be >= 1, got "
+            raise UserError(f"max_episode_steps must be >= 1, got "
                              f"max_episode_steps={self.max_episode_steps}")
         if self.max_train_seconds is not None and not self.max_train_seconds > 0:
-            raise ValueError(f"max_train_seconds must be > 0, got "
+            raise UserError(f"max_train_seconds must be > 0, got "
                              f"max_train_seconds={self.max_train_seconds}")
         if self.max_train_steps < 1:
-            raise ValueError(f"max_train_steps must be >= 1, got "
+            raise UserError(f"max_train_steps must be >= 1, got "
                              f"max_train_steps={self.max_train_steps}")
         if self.eval_every < 1:
-            raise ValueError(f"eval_every must be >= 1, got eval_every={self.eval_every}")
+            raise UserError(f"eval_every must be >= 1, got eval_every={self.eval_every}")
         if not self.noise >= 0:
-            raise ValueError(f"noise must be >= 0, got noise={self.noise}")
+            raise UserError(f"noise must be >= 0, got noise={self.noise}")
         if self.policy == "noisy" and self.noise == 0:
-            raise ValueError("policy 'noisy' needs noise > 0, got noise=0.0")
+            raise UserError("policy 'noisy' needs noise > 0, got noise=0.0")
         if self.format not in ("auto", "hdf5", "minari"):
-            raise ValueError(f"format must be auto, hdf5 or minari, got format={self.format!r}")
+            raise UserError(f"format must be auto, hdf5 or minari, got format={self.format!r}")
         if self.format == "minari":
             if self.out is None:
-                raise ValueError("format='minari' needs --out DATASET_ID, e.g. "
+                raise UserError("format='minari' needs --out DATASET_ID, e.g. "
                                  f"{self.task}/{self.policy}-v0")
             self.out = Path(self.out)
             return
@@ -115,9 +117,9 @@ class CollectArgs:
             self.out = sim_dataset_path(self.task, self.policy)
         self.out = Path(self.out)
         if self.out.is_dir():
-            raise ValueError(f"out {str(self.out)!r} exists and is a directory, not a file")
+            raise UserError(f"out {str(self.out)!r} exists and is a directory, not a file")
         if self.out.suffix.lower() not in (".hdf5", ".h5"):
-            raise ValueError(f"out must end in .hdf5 or .h5, got out={str(self.out)!r} (for a "
+            raise UserError(f"out must end in .hdf5 or .h5, got out={str(self.out)!r} (for a "
                              "Minari dataset give --format minari and its id as --out)")
         assert self.task in SIM_TASKS
 
@@ -200,7 +202,7 @@ def collect_task(task: str, quick: bool = False, out: Path | None = None) -> Pat
     300k."""
     parts = task.split("/")
     if len(parts) != 3:
-        raise ValueError(f"collect_task needs FAMILY/NAME/POLICY, got {task!r}")
+        raise UserError(f"collect_task needs FAMILY/NAME/POLICY, got {task!r}")
     size = COLLECT_TASK_SIZES[bool(quick)]
     args = CollectArgs(task=task, episodes=size["episodes"],
                        max_train_steps=size["max_train_steps"], out=out)

@@ -17,6 +17,8 @@ import numpy as np
 
 from diffalign.models.critic import CriticConfig
 
+from ..errors import UserError
+
 _DEFAULTS = CriticConfig()
 
 
@@ -95,9 +97,9 @@ class CriticArgs:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         if self.episodes < 1:
-            raise ValueError(f"episodes must be >= 1, got episodes={self.episodes}")
+            raise UserError(f"episodes must be >= 1, got episodes={self.episodes}")
         if self.layout_seed < 0 or self.data_seed < 0:
-            raise ValueError(f"seeds must be >= 0, got layout_seed={self.layout_seed} "
+            raise UserError(f"seeds must be >= 0, got layout_seed={self.layout_seed} "
                              f"data_seed={self.data_seed}")
         self.critic_config()  # validate now, naming the field
 

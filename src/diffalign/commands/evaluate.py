@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
+from ..errors import UserError
+
 __all__ = ["EvaluateArgs", "evaluate_main"]
 
 
@@ -59,11 +61,11 @@ class EvaluateArgs:
         for name in ("episodes", "candidates"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1, got {name}={v}")
+                raise UserError(f"{name} must be >= 1, got {name}={v}")
         if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got steps={self.steps}")
+            raise UserError(f"steps must be >= 1, got steps={self.steps}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got temperature={self.temperature}")
+            raise UserError(f"temperature must be > 0, got temperature={self.temperature}")
 
 
 def evaluate_main(args: EvaluateArgs) -> dict[str, Any]:

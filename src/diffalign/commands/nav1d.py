@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import UserError
+
 
 @dataclass
 class OptimumArgs:
@@ -21,9 +23,9 @@ class OptimumArgs:
 
     def __post_init__(self) -> None:
         if self.layout_seed < 0:
-            raise ValueError(f"layout_seed must be >= 0, got layout_seed={self.layout_seed}")
+            raise UserError(f"layout_seed must be >= 0, got layout_seed={self.layout_seed}")
         if self.horizon < 1:
-            raise ValueError(f"horizon must be >= 1, got horizon={self.horizon}")
+            raise UserError(f"horizon must be >= 1, got horizon={self.horizon}")
 
 
 def optimum_main(args: OptimumArgs) -> dict[str, Any]:
@@ -75,25 +77,25 @@ class DataNav1DArgs:
         from diffalign.data.nav1d_datasets import DATASET_KINDS
 
         if self.dataset not in DATASET_KINDS:
-            raise ValueError(
+            raise UserError(
                 f"dataset must be one of {DATASET_KINDS}, got dataset={self.dataset!r}"
             )
         n = self.episodes
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"episodes must be an integer >= 1, got episodes={n!r}")
+            raise UserError(f"episodes must be an integer >= 1, got episodes={n!r}")
         if self.layout_seed < 0 or self.seed < 0:
-            raise ValueError(
+            raise UserError(
                 f"seeds must be >= 0, got layout_seed={self.layout_seed} seed={self.seed}"
             )
         if self.format not in ("hdf5", "minari"):
-            raise ValueError(f"format must be 'hdf5' or 'minari', got format={self.format!r}")
+            raise UserError(f"format must be 'hdf5' or 'minari', got format={self.format!r}")
         if self.out is not None:
             self.out = Path(self.out)
         if self.format == "minari":
             if not self.id:
-                raise ValueError(f"format='minari' needs a dataset id, got id={self.id!r}")
+                raise UserError(f"format='minari' needs a dataset id, got id={self.id!r}")
         elif self.out is not None and self.out.suffix.lower() not in (".hdf5", ".h5"):
-            raise ValueError(
+            raise UserError(
                 f"out must end in .hdf5 or .h5 for format='hdf5', got out={str(self.out)!r}"
             )
 

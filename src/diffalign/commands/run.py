@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+from ..errors import UserError
 from .run_jobs import (
     SideJobs,
     critic_job,
@@ -272,23 +273,23 @@ class RunNav1DArgs:
         methods = [m.strip() for m in self.methods.split(",") if m.strip()]
         bad = [m for m in methods if m not in METHODS]
         if bad or not methods:
-            raise ValueError(f"unknown alignment method(s) {bad or self.methods!r}; choose from "
+            raise UserError(f"unknown alignment method(s) {bad or self.methods!r}; choose from "
                              f"{', '.join(METHODS)} (comma-separated)")
         if self.passes is not None and self.passes < 1:
-            raise ValueError(f"passes must be >= 1, got passes={self.passes}")
+            raise UserError(f"passes must be >= 1, got passes={self.passes}")
         for name in ("critic_ensemble", "critic_steps"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1, got {name}={v}")
+                raise UserError(f"{name} must be >= 1, got {name}={v}")
         if self.rollout_conditions is not None and not 0 <= self.rollout_conditions <= 1:
-            raise ValueError(f"rollout_conditions must be in [0, 1], got rollout_conditions="
+            raise UserError(f"rollout_conditions must be in [0, 1], got rollout_conditions="
                              f"{self.rollout_conditions}")
         if self.eval_episodes is not None and self.eval_episodes < 1:
-            raise ValueError(f"eval_episodes must be >= 1, got eval_episodes={self.eval_episodes}")
+            raise UserError(f"eval_episodes must be >= 1, got eval_episodes={self.eval_episodes}")
         if self.layout_seed < 0:
-            raise ValueError(f"layout_seed must be >= 0, got layout_seed={self.layout_seed}")
+            raise UserError(f"layout_seed must be >= 0, got layout_seed={self.layout_seed}")
         if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"out {str(self.out)!r} exists and is not a directory")
+            raise UserError(f"out {str(self.out)!r} exists and is not a directory")
 
 
 def _log(msg: str) -> None:

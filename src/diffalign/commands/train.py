@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import UserError
+
 __all__ = ["TRAIN_STEPS", "TrainArgs", "resume_settings", "train_main", "train_model"]
 
 TRAIN_STEPS = {"diffuser": 3000, "dd": 3000, "dp": 3000}
@@ -79,27 +81,27 @@ class TrainArgs:
         for name in ("steps", "horizon", "obs_history", "action_horizon"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or v < 1):
-                raise ValueError(f"{name} must be >= 1, got {name}={v}")
+                raise UserError(f"{name} must be >= 1, got {name}={v}")
         if self.state_cond and self.model not in ("diffuser", "dd"):
-            raise ValueError(f"state_cond is for the planners (diffuser, dd), got "
+            raise UserError(f"state_cond is for the planners (diffuser, dd), got "
                              f"model={self.model!r}")
         if self.cond_fourier < 0:
-            raise ValueError(f"cond_fourier must be >= 0, got cond_fourier={self.cond_fourier}")
+            raise UserError(f"cond_fourier must be >= 0, got cond_fourier={self.cond_fourier}")
         if self.cond_fourier and not (self.model == "dp" or self.state_cond):
-            raise ValueError(f"cond_fourier={self.cond_fourier} needs a global condition: dp, "
+            raise UserError(f"cond_fourier={self.cond_fourier} needs a global condition: dp, "
                              f"or a planner with --state-cond (got model={self.model!r})")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got batch_size={self.batch_size}")
+            raise UserError(f"batch_size must be >= 1, got batch_size={self.batch_size}")
         if self.episodes < 1:
-            raise ValueError(f"episodes must be >= 1, got episodes={self.episodes}")
+            raise UserError(f"episodes must be >= 1, got episodes={self.episodes}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got lr={self.lr}")
+            raise UserError(f"lr must be > 0, got lr={self.lr}")
         if self.layout_seed < 0:
-            raise ValueError(f"layout_seed must be >= 0, got layout_seed={self.layout_seed}")
+            raise UserError(f"layout_seed must be >= 0, got layout_seed={self.layout_seed}")
         if self.model not in ("diffuser", "dd", "dp", "synther"):
-            raise ValueError(f"unknown model {self.model!r}; choose diffuser, dd, dp or synther")
+            raise UserError(f"unknown model {self.model!r}; choose diffuser, dd, dp or synther")
         if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"out {str(self.out)!r} exists and is not a directory")
+            raise UserError(f"out {str(self.out)!r} exists and is not a directory")
 
 
 def _task_meta(task, args: TrainArgs) -> dict[str, Any]:
