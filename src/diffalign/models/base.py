@@ -317,9 +317,10 @@ class ControlModel(nn.Module):
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> ControlModel:
         """Rebuild a saved model; on the base class the kind is read from ``config.json``."""
         from ..train.checkpoint import CheckpointError, load_model_files
-        from .registry import model_class
+        from .registry import KINDS, model_class
 
-        config, tensors = load_model_files(directory, device="cpu")
+        config, tensors = load_model_files(directory, device="cpu",
+                                           kind=[cls.kind] if cls.kind else list(KINDS))
         try:
             spec = ModelSpec.from_dict(config["spec"])
             obs_dim, act_dim = int(config["obs_dim"]), int(config["act_dim"])
