@@ -1,4 +1,4 @@
-"""Use what ``diffalign run nav1d`` wrote: its stages, their models, exports of them.
+"""Use what ``diffalign run`` wrote: its stages, their models, exports of them.
 
 A run directory holds the reference (``foundation/``), the critic (``critic/``), each aligned
 stage's LoRA adapter (``align/stages/<stage>/adapter/``; older runs keep only the last one,
@@ -24,10 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-try:  # the project's one-line user error, where it exists
-    from .errors import UserError
-except ImportError:  # pragma: no cover - until diffalign.errors lands
-    UserError = ValueError  # type: ignore[misc,assignment]
+from .errors import UserError
 
 __all__ = ["EXPORT_KEY", "LoadedStage", "UserError", "export_stage", "final_stage",
            "is_export_dir", "is_run_dir", "load_cascade_export", "load_dir", "load_export",
