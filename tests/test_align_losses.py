@@ -57,6 +57,22 @@ def test_reinforce_and_ppo_by_hand():
     assert out["loss"].item() == pytest.approx(-((-0.2) * 2 + 0.0 * -1) / 2)
 
 
+def test_ppo_clip_is_two_sided():
+    """Ratios below 1−ε and above 1+ε, each with A > 0 and A < 0: the objective is clipped
+    (no gradient) exactly where moving the ratio further would gain, ρ < 1−ε with A < 0 and
+    ρ > 1+ε with A > 0; a clamp on one side only fails one of the two."""
+    logp = torch.tensor([[-0.5, 0.5], [-0.5, 0.5]], requires_grad=True)  # ρ = 0.61, 1.65
+    adv = torch.tensor([1.0, -1.0])
+    out = policy_gradient_loss(logp, adv, logp_old=torch.zeros(2, 2), clip=0.2)
+    lo, hi = math.exp(-0.5), math.exp(0.5)
+    # A = +1: min(ρ, clip(ρ)) = (0.61, 1.2); A = −1: min(−ρ, −clip(ρ)) = (−0.8, −1.65)
+    assert out["loss"].item() == pytest.approx(-((lo + 1.2) + (-0.8 - hi)) / 2)
+    out["loss"].backward()
+    want = torch.tensor([[-lo / 2, 0.0], [0.0, hi / 2]])
+    torch.testing.assert_close(logp.grad, want)
+    assert out["clip_frac"].item() == 1.0
+
+
 def test_kl_equal_variance_matches_torch():
     m, mr = torch.randn(3, 4, 2), torch.randn(3, 4, 2)
     std = torch.full((3, 1, 1), 0.7)

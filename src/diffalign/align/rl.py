@@ -1,12 +1,16 @@
-"""RL on the denoising MDP (DDPO-style REINFORCE/PPO) and its pieces (docs/design.md §4).
+"""RL on the denoising chain: DDPO-style REINFORCE/PPO and QV-PG (docs/design.md §4).
 
 The denoising chain is an MDP: state ``(x_k, k, c)``, action ``x_{k−1}``, reward ``R(x_0)`` at
-the end. These are the pure loss functions; shapes: ``(B, K)`` for per-step quantities
-(B chains, K recorded transitions), ``(B,)`` for per-chain ones.
+the end. REINFORCE/PPO take the policy gradient of that MDP; QV-PG backpropagates the
+critic's reward through the last K sampling steps. Both weight the denoising steps by a
+credit λ_k (QV-PG by scaling the gradient that flows back through each step) and can add a
+nearest-neighbour entropy estimate to the objective. Shapes: ``(B, K)`` for per-step
+quantities (B chains, K recorded transitions), ``(B,)`` for per-chain ones.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,18 +18,12 @@ import torch
 from torch import Tensor
 
 from ..processes.base import gaussian_log_prob
-from .common import (
-    AdapterMethod,
-    AlignSetup,
-    MethodConfig,
-    diversity_bonus,
-    expand_condition,
-    free_mask,
-)
+from .common import AdapterMethod, AlignSetup, MethodConfig, expand_condition, free_mask
 from .lora import merged_copy, reference, refresh_merged
 
 __all__ = ["RLConfig", "RLMethod", "credit_decreasing", "credit_retrospective",
-           "gaussian_kl_equal_var", "group_advantages", "group_scale", "policy_gradient_loss"]
+           "credit_step_scales", "gaussian_kl_equal_var", "group_advantages", "group_scale",
+           "knn_entropy", "policy_gradient_loss"]
 
 
 def _check_groups(rewards: Tensor, group_size: int) -> None:
@@ -120,7 +118,8 @@ def credit_decreasing(num_steps: int, gamma: float = 0.9, normalize: bool = True
 
 def credit_retrospective(x0_preds: Tensor, x0: Tensor, temperature: float = 1.0,
                          normalize: bool = True) -> Tensor:
-    """λ_k from the similarity of each step's x0-prediction to the final sample, ``(B, K)``.
+    """λ_k from the similarity of each step's x0-prediction to the final sample, ``(B, K)``
+    (the "x0_similarity" credit).
 
     ``λ_k = exp(−‖x̂0_k − x_0‖² / (D · temperature))``: steps whose prediction already
     resembles the final sample (the decision was taken there) get more credit.
@@ -131,6 +130,58 @@ def credit_retrospective(x0_preds: Tensor, x0: Tensor, temperature: float = 1.0,
     if normalize:
         lam = lam * (lam.shape[1] / lam.sum(1, keepdim=True).clamp_min(1e-12))
     return lam.detach()
+
+
+def credit_step_scales(lam: Tensor) -> Tensor:
+    """Backward multipliers that give QV-PG's K gradient steps the credits ``lam``.
+
+    QV-PG multiplies the gradient reaching the sample after gradient step j (first to last)
+    by ``s_j``; that gradient feeds step j's parameters and, through step j, every earlier
+    step, so step j's share of the reward gradient ends up weighted ``Π_{i≥j} s_i``. With
+    ``s_K = λ_K`` and ``s_j = λ_j / λ_{j+1}`` the product is ``λ_j``. ``lam``: ``(..., K)``,
+    non-negative. A zero weight stops the gradient, so every earlier weight must be zero
+    too (0/0 counts as 0): ``(0, …, 0, 1)`` is truncation to the last step.
+    """
+    if bool((lam < 0).any()):
+        raise ValueError("credit weights must be >= 0")
+    cur, nxt = lam[..., :-1], lam[..., 1:]
+    if bool(((nxt == 0) & (cur != 0)).any()):
+        raise ValueError("a credit weight of 0 stops the gradient to every earlier step, so "
+                         "those steps must have weight 0 too")
+    ratio = torch.where(nxt == 0, torch.zeros_like(cur),
+                        cur / torch.where(nxt == 0, torch.ones_like(nxt), nxt))
+    return torch.cat([ratio, lam[..., -1:]], -1)
+
+
+def knn_entropy(x: Tensor, group_size: int, dim: int | None = None, eps: float = 1e-12
+                ) -> Tensor:
+    """Kozachenko–Leonenko entropy terms of samples in groups, ``(B,)``, in nats.
+
+    Within each group of ``n = group_size`` consecutive samples (one condition's samples),
+    ``h_i = d · log ρ_i + log V_d + ψ(n) − ψ(1)``, with ρ_i the distance from sample i to its
+    nearest neighbour in the group, V_d the volume of the unit d-ball and ψ the digamma
+    function (``ψ(n) − ψ(1) = Σ_{j<n} 1/j``); the mean of ``h_i`` over a group is the
+    Kozachenko–Leonenko estimate of the differential entropy of the distribution the group
+    was drawn from. ``h_i`` estimates ``−log p(x_i)`` up to that mean's bias: sample i's
+    share, which rises as the sample moves away from its neighbour; its gradient pushes
+    nearest neighbours apart. ``dim``: the dimension d of the varying entries (the
+    generated ones; in-painted entries are equal within a group); default all entries.
+    ``ρ_i² + eps`` keeps duplicates finite. Differentiable in ``x``.
+    """
+    if group_size < 2:
+        raise ValueError(f"an entropy estimate needs group_size >= 2, got {group_size}")
+    b = x.shape[0]
+    if b % group_size:
+        raise ValueError(f"{b} samples do not split into groups of {group_size}")
+    d = x[0].numel() if dim is None else int(dim)
+    g = x.reshape(b // group_size, group_size, -1)
+    # from the differences, not ‖a‖² + ‖b‖² − 2ab: near neighbours cancel that in float32
+    dist = torch.cdist(g, g, compute_mode="donot_use_mm_for_euclid_dist")
+    eye = torch.eye(group_size, dtype=torch.bool, device=x.device)
+    rho2 = dist.masked_fill(eye, float("inf")).min(-1).values.pow(2)  # (G, n)
+    log_vd = 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)
+    const = sum(1.0 / i for i in range(1, group_size)) + log_vd  # ψ(n) − ψ(1) + log V_d
+    return (0.5 * d * torch.log(rho2 + eps) + const).reshape(-1)
 
 
 # ------------------------------------------------------------------------------ training
@@ -155,27 +206,40 @@ class RLConfig(MethodConfig):
     """Weight of the KL to the reference, Σ_k ‖μ_θ − μ_ref‖²/(2σ_k²); 0 disables it."""
     lr: float = 1e-3
     """Adapter learning rate."""
-    credit: Literal["uniform", "decreasing", "retrospective"] = "uniform"
-    """Credit λ_k over denoising steps: all equal, γ^k toward the noise, or retrospective
-    similarity of each step's x0-prediction to the final sample."""
+    credit: Literal["none", "decreasing", "x0_similarity"] = "none"
+    """Credit λ_k of each denoising step, for every algo: "none" (all 1), "decreasing"
+    (γ^k with k the steps left to the clean sample, mean 1) or "x0_similarity" (per sample,
+    exp(−‖x̂0_k − x_0‖²/D) of each step's x0-prediction to the final sample, mean 1).
+    PPO/REINFORCE weight each step's loss term by λ_k; QV-PG weights each of its K gradient
+    steps' share of the reward gradient by λ_k (:func:`credit_step_scales`)."""
     credit_gamma: float = 0.9
     """γ of the decreasing credit."""
     grad_last_k: int = 3
-    """QV-PG: backpropagate through the last K denoising steps only."""
+    """QV-PG: backpropagate through the last K denoising steps only (with ``random_k``, the
+    upper end of K's range). PPO/REINFORCE take every step."""
     random_k: bool = False
-    """QV-PG: draw K uniformly from 1..grad_last_k per batch."""
+    """QV-PG: draw K uniformly from ``grad_k_min..grad_last_k`` for each update."""
+    grad_k_min: int = 1
+    """QV-PG with ``random_k``: the lower end of K's range."""
     qvpg_scale: Literal["none", "group"] = "none"
     """QV-PG: "group" divides each sample's reward by the (detached) spread of R over its
     condition's group (std + 10% of the batch's mean std), so every state pulls with the same
     strength however flat R is there, and the KL weight means the same on any reward scale;
     "none" maximises R as it is."""
     entropy_coef: float = 0.0
-    """Weight of the diversity (entropy surrogate) bonus; 0 disables it."""
+    """Weight c of the entropy bonus: the objective becomes E[R] + c·H, with H the
+    Kozachenko–Leonenko estimate over each condition's group of samples
+    (:func:`knn_entropy`; needs ``group_size >= 2``); 0 disables it."""
     max_grad_norm: float = 1.0
     """Gradient clipping of the adapter."""
 
     def __post_init__(self):
         super().__post_init__()
+        if self.algo not in ("ppo", "reinforce", "qvpg"):
+            raise ValueError(f"algo must be 'ppo', 'reinforce' or 'qvpg', got algo={self.algo!r}")
+        if self.credit not in ("none", "decreasing", "x0_similarity"):
+            raise ValueError(f"credit must be 'none', 'decreasing' or 'x0_similarity', got "
+                             f"credit={self.credit!r}")
         if self.group_size < 1 or self.states_per_iter < 1:
             raise ValueError(f"group_size={self.group_size} and states_per_iter="
                              f"{self.states_per_iter} must be >= 1")
@@ -184,6 +248,21 @@ class RLConfig(MethodConfig):
                              f"group_size={self.group_size}")
         if self.grad_last_k < 1:
             raise ValueError(f"grad_last_k must be >= 1, got {self.grad_last_k}")
+        if not 1 <= self.grad_k_min <= self.grad_last_k:
+            raise ValueError(f"grad_k_min must be in [1, grad_last_k={self.grad_last_k}], got "
+                             f"grad_k_min={self.grad_k_min}")
+        if self.random_k and self.algo != "qvpg":
+            raise ValueError(f"random_k (a random truncation K) is QV-PG's; algo={self.algo!r} "
+                             "takes every step")
+        if not 0 < self.credit_gamma <= 1:
+            raise ValueError(f"credit_gamma must be in (0, 1], got credit_gamma="
+                             f"{self.credit_gamma}")
+        if not self.entropy_coef >= 0:
+            raise ValueError(f"entropy_coef must be >= 0, got entropy_coef={self.entropy_coef}")
+        if self.entropy_coef > 0 and self.group_size < 2:
+            raise ValueError(f"entropy_coef={self.entropy_coef} estimates the entropy from each "
+                             f"state's samples and needs group_size >= 2, got group_size="
+                             f"{self.group_size}")
         if self.lr <= 0 or self.kl_coef < 0 or self.clip <= 0:
             raise ValueError(f"need lr > 0, kl_coef >= 0, clip > 0; got lr={self.lr}, "
                              f"kl_coef={self.kl_coef}, clip={self.clip}")
@@ -225,15 +304,17 @@ class RLMethod(AdapterMethod):
         rows = obs.repeat_interleave(cfg.group_size, 0)
         cond, inpaint, shape = expand_condition(self.model, obs, cfg.group_size)
         steps = self._steps()
+        free = free_mask(inpaint, shape)
+        entropy = None
         with torch.no_grad():
             out = proc.sample(net, shape, cond=cond, steps=steps, inpaint=inpaint,
                               generator=self.gen, return_chain=True, device=self.model.device)
             reward = self.setup.reward(out.x0, rows)
             shaped = reward
-            if cfg.entropy_coef > 0:
-                shaped = reward + cfg.entropy_coef * diversity_bonus(out.x0, cfg.group_size)
+            if cfg.entropy_coef > 0:  # each sample's share of its group's entropy estimate
+                entropy = knn_entropy(out.x0, cfg.group_size, self._free_dim(free, out.x0))
+                shaped = reward + cfg.entropy_coef * entropy
             adv = group_advantages(shaped, cfg.group_size)
-        free = free_mask(inpaint, shape)
         active = [k for k in range(steps) if bool((out.stds[k] > 0).all())]
         credit = self._credit(out, active)
         logp_old = [gaussian_log_prob(out.chain[k + 1], out.means[k], out.stds[k], free)
@@ -257,16 +338,30 @@ class RLMethod(AdapterMethod):
                 stats["loss"] += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             self.optimizer.step()
-        return {"reward": float(reward.mean()), "loss": stats["loss"],
-                "kl": stats["kl"] / max(1, cfg.ppo_epochs)}
+        res = {"reward": float(reward.mean()), "loss": stats["loss"],
+               "kl": stats["kl"] / max(1, cfg.ppo_epochs)}
+        if entropy is not None:
+            res["entropy"] = float(entropy.mean())
+        return res
+
+    @staticmethod
+    def _free_dim(free: Tensor | None, x: Tensor) -> int:
+        """The number of generated (not in-painted) entries of one sample."""
+        return x[0].numel() if free is None else int(free[0].sum())
 
     def _credit(self, out, active: list[int]) -> Tensor:
-        b = out.x0.shape[0]
+        """PPO/REINFORCE: λ of the recorded (active) steps, ``(B, len(active))``."""
+        return self._credit_weights(out.x0_preds[active], out.x0)
+
+    def _credit_weights(self, x0_preds: Tensor, x0: Tensor) -> Tensor:
+        """λ of K steps, first to last, ``(B, K)``: ``x0_preds`` ``(K, B, H, D)`` are the
+        steps' x0-predictions and ``x0`` ``(B, H, D)`` the final samples (detached)."""
+        k, b = x0_preds.shape[0], x0.shape[0]
         if self.cfg.credit == "decreasing":
-            return credit_decreasing(len(active), self.cfg.credit_gamma).to(out.x0).expand(b, -1)
-        if self.cfg.credit == "retrospective":
-            return credit_retrospective(out.x0_preds[active], out.x0)
-        return torch.ones(b, len(active), device=out.x0.device)
+            return credit_decreasing(k, self.cfg.credit_gamma).to(x0).expand(b, -1)
+        if self.cfg.credit == "x0_similarity":
+            return credit_retrospective(x0_preds, x0)
+        return torch.ones(b, k, device=x0.device)
 
     def _kl(self, st, x, t, tp, cond, free, process=None) -> Tensor:
         process = process or self.process
@@ -284,13 +379,18 @@ class RLMethod(AdapterMethod):
         cond, inpaint, shape = expand_condition(self.model, obs, n)
         steps = self._steps()
         k_max = min(steps, cfg.grad_last_k)
-        k_grad = int(torch.randint(1, k_max + 1, (1,), generator=self.gen)) if cfg.random_k \
-            else k_max
+        k_grad = int(torch.randint(min(cfg.grad_k_min, k_max), k_max + 1, (1,),
+                                   generator=self.gen)) if cfg.random_k else k_max
         times = proc.timesteps(steps)
         x = torch.randn(shape, generator=self.gen).to(self.model.device)
         x = proc.impose(x, float(times[0]), inpaint, self.gen)
         free = free_mask(inpaint, shape)
         kl = torch.zeros(shape[0], device=x.device)
+        # credit: the gradient reaching the sample after each gradient step is multiplied
+        # by that step's scale (credit_step_scales), filled in once x_0 is known
+        credit = cfg.credit != "none"
+        scales: list[Tensor] = []
+        x0_preds: list[Tensor] = []
         self.optimizer.zero_grad(set_to_none=True)
         fast = self._merged() if steps > k_grad else net  # the same function, no gradient
         for i in range(steps):
@@ -309,16 +409,34 @@ class RLMethod(AdapterMethod):
                 if bool((kst.std > 0).all()):  # (the final step to t=0 has none)
                     kl = kl + self._kl(kst, x.detach(), t, tp, cond, free, kl_proc)
             x = proc.impose(st.prev, tp, inpaint, self.gen)
+            if credit:
+                x0_preds.append(st.x0_pred.detach())
+                x.register_hook(self._scale_hook(scales, len(x0_preds) - 1))
+        if credit:
+            lam = self._credit_weights(torch.stack(x0_preds), x.detach())
+            scales.extend(credit_step_scales(lam).T)  # (K,) rows of (B,) multipliers
         reward = self.setup.reward(x, rows)
         objective = reward
         if cfg.qvpg_scale == "group" and n > 1:
             objective = reward / group_scale(reward.detach(), n)
         loss = -objective.mean() + cfg.kl_coef * kl.mean()
+        entropy = None
         if cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * diversity_bonus(x, n).mean()
+            entropy = knn_entropy(x, n, self._free_dim(free, x))
+            loss = loss - cfg.entropy_coef * entropy.mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
-        return {"reward": float(reward.detach().mean()), "loss": float(loss.detach()),
-                "kl": float(kl.detach().mean()),
-                "grad_last_k": k_grad}
+        res = {"reward": float(reward.detach().mean()), "loss": float(loss.detach()),
+               "kl": float(kl.detach().mean()), "grad_last_k": k_grad}
+        if entropy is not None:
+            res["entropy"] = float(entropy.detach().mean())
+        return res
+
+    @staticmethod
+    def _scale_hook(scales: list[Tensor], j: int):
+        """Backward hook: the gradient of the sample after gradient step ``j`` times
+        ``scales[j]`` (one multiplier per sample)."""
+        def hook(grad: Tensor) -> Tensor:
+            return grad * scales[j].to(grad).view(-1, *([1] * (grad.dim() - 1)))
+        return hook

@@ -2,7 +2,8 @@
 
 Each round samples candidates (from the reference or the current model), keeps the winners
 by the critic (top-k per condition or a reward quantile over the batch), drops any winner
-whose likelihood under the *reference* is below a threshold (out-of-distribution guard),
+whose likelihood under the *reference* is below a threshold (out-of-distribution guard;
+by default a low quantile of the reference's likelihood of the dataset's own windows),
 and trains the adapter with the plain diffusion loss on what remains (docs/design.md §4).
 
 With ``action_proposals > 0`` the executed action is searched more finely than by sampling:
@@ -18,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,7 +49,17 @@ class SFTConfig(MethodConfig):
     """Reward quantile of "quantile" selection."""
     likelihood_quantile: float = 0.1
     """OOD guard: drop winners whose reference likelihood is below this quantile of the
-    likelihoods of all candidates of the round (0 disables the guard)."""
+    likelihoods of ``likelihood_source`` (0 disables the guard)."""
+    likelihood_source: Literal["data", "current"] = "data"
+    """Where the guard's threshold comes from. "data" (the paper's): the quantile of the
+    reference's likelihood of the dataset's own training windows, computed once per method
+    (needs ``AlignSetup.episodes``), so a winner is kept only if it is as likely under the
+    reference as most of the data. "current": the quantile of the round's own candidates,
+    a relative filter that drops the least likely winners of each round, however far
+    from the data all of them are."""
+    likelihood_windows: int = 2048
+    """"data": dataset windows (a random subset, fixed per method) whose likelihood sets the
+    threshold."""
     likelihood_samples: int = 4
     """Noise draws of the likelihood proxy."""
     loss: Literal["min_snr", "diffusion"] = "min_snr"
@@ -98,6 +110,13 @@ class SFTConfig(MethodConfig):
         if not 0 <= self.likelihood_quantile < 1 or not 0 < self.quantile < 1:
             raise ValueError(f"quantiles must be in [0, 1): likelihood_quantile="
                              f"{self.likelihood_quantile}, quantile={self.quantile}")
+        if self.likelihood_source not in ("data", "current"):
+            raise ValueError(f"likelihood_source must be 'data' or 'current', got "
+                             f"likelihood_source={self.likelihood_source!r}")
+        if self.likelihood_windows < 1 or self.likelihood_samples < 1:
+            raise ValueError(f"need likelihood_windows >= 1 and likelihood_samples >= 1, got "
+                             f"likelihood_windows={self.likelihood_windows}, "
+                             f"likelihood_samples={self.likelihood_samples}")
         if self.loss not in ("min_snr", "diffusion"):
             raise ValueError(f"loss must be 'min_snr' or 'diffusion', got loss={self.loss!r}")
         if self.min_snr_gamma <= 0 or not 0 <= self.plan_weight <= 1:
@@ -129,8 +148,13 @@ class SFTMethod(AdapterMethod):
                 raise ValueError(f"action_proposals={cfg.action_proposals} needs a model that "
                                  f"samples its actions; {type(self.model).__name__} infers "
                                  "them from states (use action_proposals=0)")
+        if (cfg.likelihood_quantile > 0 and cfg.likelihood_source == "data"
+                and setup.episodes is None):
+            raise ValueError("likelihood_source='data' needs the dataset (AlignSetup.episodes); "
+                             "use likelihood_source='current' or likelihood_quantile=0")
         self._buffer: tuple[Tensor, Tensor] | None = None
         self._round, self._lr_factor = 0, 1.0
+        self._data_floor: float | None = None
 
     def _schedule_lr(self) -> None:
         """Scale the optimiser's rate to this round's point of the cosine (``lr_final``)."""
@@ -156,11 +180,11 @@ class SFTMethod(AdapterMethod):
         if cfg.action_proposals > 0:
             x, stats = self._searched_winners(obs, out.x0, r, src)
             keep = torch.ones(len(x), dtype=torch.bool, device=x.device)
-            if cfg.likelihood_quantile > 0:  # below the candidates' quantile: off the data
-                floor = torch.quantile(self._ref_likelihood(out.x0, obs, n),
-                                       cfg.likelihood_quantile)
+            if cfg.likelihood_quantile > 0:  # below the floor: off the data
+                floor = self._floor(out.x0, obs, n)
                 keep = self._ref_likelihood(x, obs, 1) >= floor
                 stats["rejected_ood"] = float((~keep).float().mean())
+                stats["likelihood_floor"] = float(floor)
             stats["winners"] = int(keep.sum())
             return x[keep], obs[keep], stats
         if cfg.selection == "topk":
@@ -172,19 +196,56 @@ class SFTMethod(AdapterMethod):
             keep = r >= torch.quantile(r, cfg.quantile)
         stats = {"reward": float(r.mean()), "winner_reward": float(r[keep].mean())}
         if cfg.likelihood_quantile > 0:
-            ll = self._ref_likelihood(out.x0, obs, n)
-            ok = ll >= torch.quantile(ll, cfg.likelihood_quantile)
+            if cfg.likelihood_source == "current":
+                ll = self._ref_likelihood(out.x0, obs, n)
+                floor = torch.quantile(ll, cfg.likelihood_quantile)
+            else:  # only the winners need scoring against the data's floor
+                floor = self._floor(out.x0, obs, n)
+                ll = torch.full_like(r, -math.inf)
+                ll[keep] = self._ref_likelihood(out.x0[keep], rows[keep], 1)
+            ok = ll >= floor
             stats["rejected_ood"] = float((keep & ~ok).sum()) / max(1, int(keep.sum()))
+            stats["likelihood_floor"] = float(floor)
             keep = keep & ok
         stats["winners"] = int(keep.sum())
         return out.x0[keep], rows[keep], stats
 
-    def _ref_likelihood(self, x: Tensor, obs: Tensor, n: int) -> Tensor:
+    def _floor(self, x0: Tensor, obs: Tensor, n: int) -> Tensor:
+        """The OOD guard's threshold: the data's (:meth:`data_floor`) or the quantile of this
+        round's candidates ``x0`` (``n`` per row of ``obs``)."""
+        if self.cfg.likelihood_source == "data":
+            return torch.tensor(self.data_floor(), device=x0.device)
+        return torch.quantile(self._ref_likelihood(x0, obs, n), self.cfg.likelihood_quantile)
+
+    @torch.no_grad()
+    def data_floor(self, seed: int = 8642) -> float:
+        """The ``likelihood_quantile`` of the reference's likelihood proxy on up to
+        ``likelihood_windows`` of the model's training windows of the dataset
+        (``model.make_dataset(episodes)``), computed on the first call and cached."""
+        if self._data_floor is None:
+            cfg, model = self.cfg, self.model
+            ds = model.make_dataset(self.setup.episodes)
+            rng = np.random.default_rng(seed)
+            idx = np.arange(len(ds))
+            if len(idx) > cfg.likelihood_windows:
+                idx = np.sort(rng.choice(idx, size=cfg.likelihood_windows, replace=False))
+            batch = ds.get_batch(idx)
+            x = batch["x"].to(model.device)
+            obs = model.unnorm("observations", batch["obs_history"]).to(model.device)
+            g = torch.Generator().manual_seed(seed)  # leaves the method's own stream alone
+            ll = torch.cat([self._ref_likelihood(x[i:i + 1024], obs[i:i + 1024], 1, g)
+                            for i in range(0, len(x), 1024)])
+            self._data_floor = float(torch.quantile(ll.float().cpu(), cfg.likelihood_quantile))
+        return self._data_floor
+
+    def _ref_likelihood(self, x: Tensor, obs: Tensor, n: int,
+                        generator: torch.Generator | None = None) -> Tensor:
         """The reference's likelihood proxy of samples ``x`` (``n`` per row of ``obs``)."""
         cond, inpaint, shape = expand_condition(self.model, obs, n)
         return self.model.process.likelihood(self.ref, x, cond=cond,
                                              n_samples=self.cfg.likelihood_samples,
-                                             generator=self.gen, mask=free_mask(inpaint, shape))
+                                             generator=generator or self.gen,
+                                             mask=free_mask(inpaint, shape))
 
     def _searched_winners(self, obs: Tensor, x0: Tensor, r: Tensor, src
                           ) -> tuple[Tensor, dict[str, float]]:

@@ -33,6 +33,25 @@ class AlignArgs:
     """Also save a plain checkpoint with the adapter merged into the weights."""
     lora_rank: int = 8
     """Rank of the LoRA adapter."""
+    rl_algo: Literal["qvpg", "ppo", "reinforce"] = "qvpg"
+    """RL: "qvpg" backpropagates the critic's reward through the last K denoising steps;
+    "ppo" (clipped ratio) and "reinforce" take the policy gradient of the denoising MDP with
+    each state's group of samples as the baseline (they need --rl-group >= 2)."""
+    rl_grad_k: int | None = None
+    """RL (QV-PG): backpropagate through the last K denoising steps (default 3); with
+    --rl-grad-k-max, the lower end of K's range (default 1 there)."""
+    rl_grad_k_max: int | None = None
+    """RL (QV-PG): draw K uniformly from [--rl-grad-k, this] for each update (dynamic
+    truncation); unset: K is fixed."""
+    rl_credit: Literal["none", "decreasing", "x0_similarity"] = "none"
+    """RL: credit of each denoising step: "decreasing" weights the steps γ^k (γ = 0.9, k
+    steps left to the clean sample), "x0_similarity" by how close each step's x0-prediction
+    is to the final sample (both mean 1). PPO/REINFORCE weight each step's loss term; QV-PG
+    weights each gradient step's share of the reward gradient."""
+    rl_entropy_coef: float = 0.0
+    """RL: weight c of the entropy bonus E[R] + c·H, with H a nearest-neighbour
+    (Kozachenko–Leonenko) estimate over each state's samples (needs --rl-group >= 2); 0
+    disables it."""
     rl_kl: float = 0.005
     """RL: weight of the KL to the reference (0 disables it)."""
     rl_scale: Literal["none", "group"] = "none"
@@ -44,6 +63,10 @@ class AlignArgs:
     """RL: states per update."""
     rl_group: int = 8
     """RL: samples per state (the group of PPO/REINFORCE's baseline; QV-PG can take 1)."""
+    sft_likelihood: Literal["data", "current"] = "data"
+    """SFT: the out-of-distribution guard drops winners less likely under the reference than
+    the 10% quantile of the reference's likelihood of the dataset's windows ("data", the
+    paper's), or of the round's own candidates ("current", a relative filter)."""
     dpo_pairs: Literal["reference", "current", "dataset"] = "reference"
     """DPO: pairs from reference samples or current-model samples ranked by the critic, or
     from dataset windows ranked by their return."""
@@ -76,7 +99,20 @@ class AlignArgs:
     progress: bool = True
     """Show progress bars."""
 
+    def rl_overrides(self) -> dict:
+        """The :class:`~diffalign.align.rl.RLConfig` fields these flags set."""
+        out = dict(algo=self.rl_algo, credit=self.rl_credit, entropy_coef=self.rl_entropy_coef,
+                   kl_coef=self.rl_kl, qvpg_scale=self.rl_scale, lr=self.rl_lr,
+                   states_per_iter=self.rl_states, group_size=self.rl_group)
+        if self.rl_grad_k_max is not None:
+            out.update(random_k=True, grad_last_k=self.rl_grad_k_max,
+                       grad_k_min=1 if self.rl_grad_k is None else self.rl_grad_k)
+        elif self.rl_grad_k is not None:
+            out.update(grad_last_k=self.rl_grad_k)
+        return out
+
     def __post_init__(self):
+        from ..align.rl import RLConfig
         from ..align.sequence import METHODS
 
         methods = [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -84,17 +120,45 @@ class AlignArgs:
         if bad or not methods:
             raise ValueError(f"unknown alignment method(s) {bad or self.methods!r}; choose from "
                              f"{', '.join(METHODS)}")
-        for name in ("ref_dir", "critic"):
-            p = Path(getattr(self, name))
-            if not (p / "config.json").is_file():
-                raise FileNotFoundError(f"{name} {str(p)!r} is not a checkpoint directory "
-                                        "(no config.json)")
+        if self.rl_algo not in ("qvpg", "ppo", "reinforce"):
+            raise ValueError(f"rl_algo must be qvpg, ppo or reinforce, got rl_algo="
+                             f"{self.rl_algo!r}")
         if not self.rl_kl >= 0:
             raise ValueError(f"rl_kl must be >= 0, got rl_kl={self.rl_kl}")
         if not self.rl_lr > 0 or self.rl_states < 1 or self.rl_group < 1:
             raise ValueError(f"need rl_lr > 0, rl_states >= 1 and rl_group >= 1, got rl_lr="
                              f"{self.rl_lr}, rl_states={self.rl_states}, rl_group="
                              f"{self.rl_group}")
+        for name in ("rl_grad_k", "rl_grad_k_max"):
+            k = getattr(self, name)
+            if k is not None and k < 1:
+                raise ValueError(f"{name} must be >= 1, got {name}={k}")
+            if k is not None and self.rl_algo != "qvpg":
+                raise ValueError(f"{name}={k} truncates QV-PG's gradient; rl_algo="
+                                 f"{self.rl_algo!r} takes every step")
+        if (self.rl_grad_k_max is not None and self.rl_grad_k is not None
+                and self.rl_grad_k_max < self.rl_grad_k):
+            raise ValueError(f"need rl_grad_k <= rl_grad_k_max, got rl_grad_k={self.rl_grad_k}, "
+                             f"rl_grad_k_max={self.rl_grad_k_max}")
+        if not self.rl_entropy_coef >= 0:
+            raise ValueError(f"rl_entropy_coef must be >= 0, got rl_entropy_coef="
+                             f"{self.rl_entropy_coef}")
+        if self.rl_algo != "qvpg" and self.rl_group < 2:
+            raise ValueError(f"rl_algo={self.rl_algo!r} needs rl_group >= 2 (the group "
+                             f"baseline), got rl_group={self.rl_group}")
+        if self.rl_entropy_coef > 0 and self.rl_group < 2:
+            raise ValueError(f"rl_entropy_coef={self.rl_entropy_coef} estimates the entropy from "
+                             f"each state's samples and needs rl_group >= 2, got rl_group="
+                             f"{self.rl_group}")
+        RLConfig(**self.rl_overrides())  # anything else RLConfig refuses, refused here
+        if self.sft_likelihood not in ("data", "current"):
+            raise ValueError(f"sft_likelihood must be data or current, got sft_likelihood="
+                             f"{self.sft_likelihood!r}")
+        for name in ("ref_dir", "critic"):
+            p = Path(getattr(self, name))
+            if not (p / "config.json").is_file():
+                raise FileNotFoundError(f"{name} {str(p)!r} is not a checkpoint directory "
+                                        "(no config.json)")
         if self.online_every < 1 or self.online_episodes < 1 or self.online_critic_steps < 0:
             raise ValueError(f"need online_every >= 1, online_episodes >= 1 and "
                              f"online_critic_steps >= 0, got {self.online_every}, "
@@ -128,9 +192,9 @@ def align_main(args: AlignArgs) -> dict:
     seq = SequenceConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                          passes=args.passes, max_iters=args.max_iters)
     cfg = AlignConfig(sequence=seq, lora_rank=args.lora_rank, seed=args.seed)
-    cfg.rl = replace(cfg.rl, kl_coef=args.rl_kl, qvpg_scale=args.rl_scale, lr=args.rl_lr,
-                     states_per_iter=args.rl_states, group_size=args.rl_group)
+    cfg.rl = replace(cfg.rl, **args.rl_overrides())
     cfg.dpo = replace(cfg.dpo, pair_source=args.dpo_pairs)
+    cfg.sft = replace(cfg.sft, likelihood_source=args.sft_likelihood)
     if args.sft_proposals:
         cfg.sft = replace(cfg.sft, action_proposals=args.sft_proposals, replay=4096)
     if args.rollout_conditions > 0:
