@@ -6,7 +6,7 @@ Prints, per line, a median over ``--repeats`` steps (after warm-up):
 * one AdamW step over the foundation U-Net's parameters, plain and fused (``train.adam``);
 * one training step of the run's foundation (Diffuser, Nav1D, batch 64) on 1 and 2 torch
   threads, and on 1 thread while a second process runs the same step (the run's layout:
-  foundation and critic side by side, see ``commands/run_jobs.py``);
+  foundation and critic side by side, see ``diffalign/pipeline/jobs.py``);
 * one SFT training step of the LoRA-adapted foundation (winners of batch 64, min-SNR x0
   loss, the adapter only) on 1 thread, with peft's LoRA forward and with the fused one
   (``align.lora.fuse_lora_forward``);
@@ -25,7 +25,12 @@ import multiprocessing
 import torch
 
 from _timing import median_seconds
-from diffalign.commands.run import COND_FOURIER, CRITIC_BACKUP, CRITIC_DEPTH
+from diffalign.recipes import NAV1D_PRESETS
+
+_RECIPE = NAV1D_PRESETS["default"]
+COND_FOURIER, CRITIC_DEPTH = _RECIPE.cond_fourier, _RECIPE.critic_depth
+CRITIC_BACKUP = {k: getattr(_RECIPE, f"covered_{k}") for k in (
+    "backup_actions", "backup_refine", "backup_states", "backup_proposals", "backup_select")}
 
 CPU = torch.device("cpu")
 

@@ -1,4 +1,4 @@
-"""The second process of ``diffalign run nav1d`` (``commands/run_jobs.py``)."""
+"""The second process of ``diffalign run`` (``diffalign.pipeline.jobs``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from diffalign.commands.run_jobs import SideJobs, done
+from diffalign.pipeline.jobs import SideJobs, done
 
 
 def _threads() -> int:
@@ -78,7 +78,7 @@ def test_poll_gives_the_threads_back_only_when_the_worker_is_idle():
 
 _KILLED_MAIN = """
 import os, sys, time
-from diffalign.commands.run_jobs import SideJobs
+from diffalign.pipeline.jobs import SideJobs
 jobs = SideJobs(True)
 print(jobs.submit(os.getpid).result(), flush=True)
 jobs.submit(time.sleep, 120)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from diffalign.cli import main
-from diffalign.commands.run import COVERED, CRITIC_BACKUP, CRITIC_HIDDEN
+from diffalign.recipes import NAV1D_PRESETS
 
 STAGE_KEYS = {"name", "return_mean", "return_std", "normalized", "coherency", "entropy",
               "candidates", "denoise_steps", "wall_s"}
@@ -41,7 +41,8 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     for st in ("dpo", "sft", "rl"):
         assert (out / "align" / "stages" / st / "adapter" / "adapter_model.safetensors").exists()
     # random-policy data, measured so: the recipe for data that tried every action
-    assert report["action_coverage"] >= COVERED
+    recipe = NAV1D_PRESETS["quick"]
+    assert report["action_coverage"] >= recipe.covered_at
     assert json.loads((out / "behavior" / "config.json").read_text())["kind"] == \
         "behavior_model"
     # align.json lists each stage's validations; the kept adapter is the best of them so far
@@ -58,9 +59,10 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     found = json.loads((out / "foundation" / "config.json").read_text())
     assert found["spec"]["state_cond"] is True
     crit = json.loads((out / "critic" / "config.json").read_text())
-    for k, v in CRITIC_BACKUP.items():
-        assert crit["config"][k] == v
-    assert crit["config"]["hidden"] == CRITIC_HIDDEN
+    for k in ("backup_actions", "backup_refine", "backup_states", "backup_proposals",
+              "backup_select"):
+        assert crit["config"][k] == getattr(recipe, f"covered_{k}")
+    assert crit["config"]["hidden"] == recipe.critic_hidden
     # the quick preset trains two critics (the default one): the ensemble runs end to end
     assert crit["kind"] == "iql_critic_ensemble" and crit["config"]["ensemble"] == 2
     assert report["critic_ensemble"] == 2 and report["critic_steps"] == 800
@@ -116,8 +118,8 @@ def _kill_last_stage_evaluation(out):
     """The state a kill leaves while RL's evaluation runs: RL's merged weights on disk (RL
     is the last stage, so its adapter is the saved one), no eval.json."""
     from diffalign.align.lora import load_adapter, merged_copy
-    from diffalign.commands.run_jobs import save_stage_weights
     from diffalign.models.base import ControlModel
+    from diffalign.pipeline.jobs import save_stage_weights
 
     net = load_adapter(ControlModel.load(out / "foundation").net, out / "align" / "adapter")
     (out / "eval" / "rl" / "eval.json").unlink(missing_ok=True)
@@ -141,7 +143,7 @@ def test_adapter_fingerprint_follows_the_lora_weights_only():
     import torch
 
     from diffalign.align.lora import add_lora
-    from diffalign.commands.run import adapter_fingerprint
+    from diffalign.pipeline import adapter_fingerprint
 
     net = add_lora(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)), r=2)
     twin = copy.deepcopy(net)
@@ -163,17 +165,17 @@ def test_run_nav1d_bad_method_names_it(tmp_path, capsys):
 
 
 def test_final_names_an_evaluated_stage_or_the_reference():
-    from diffalign.commands.run import _final
+    from diffalign.pipeline import final_row
 
     stages = [{"name": "reference"}, {"name": "reference@64"}, {"name": "rl"}]
-    assert _final({"stage": "rl", "reason": "r"}, stages)["stage"] == "rl"
-    f = _final({"stage": "cascade", "reason": "r"}, stages)
+    assert final_row({"stage": "rl", "reason": "r"}, stages)["stage"] == "rl"
+    f = final_row({"stage": "cascade", "reason": "r"}, stages)
     assert f["stage"] == "reference" and "cascade" in f["reason"]
-    assert _final({}, stages)["stage"] == "reference"
+    assert final_row({}, stages)["stage"] == "reference"
 
 
 def test_critic_warning_when_best_of_n_falls_below_one_sample():
-    from diffalign.commands.run import critic_warnings
+    from diffalign.pipeline import critic_warnings
 
     ref = {"name": "reference", "normalized": 64.3, "candidates": 1}
     worse = {"name": "reference@64", "normalized": 40.9, "candidates": 64}
@@ -185,7 +187,7 @@ def test_critic_warning_when_best_of_n_falls_below_one_sample():
 
 def test_run_nav1d_trains_dp_executing_one_action(tmp_path, monkeypatch):
     # the critic ranks a sample by its first action: a DP must execute only that one
-    import diffalign.commands.train as train_cmd
+    import diffalign.train.foundation as foundation
     from diffalign.commands.run import RunNav1DArgs, run_nav1d
 
     seen = {}
@@ -193,22 +195,22 @@ def test_run_nav1d_trains_dp_executing_one_action(tmp_path, monkeypatch):
     class Stop(Exception):
         pass
 
-    def fake_train(targs):
-        seen["targs"] = targs
+    def fake_train(task, cfg, out_dir, **kw):
+        seen["cfg"] = cfg
         raise Stop
 
-    monkeypatch.setattr(train_cmd, "train_model", fake_train)
+    monkeypatch.setattr(foundation, "train_foundation", fake_train)
     with pytest.raises(Stop):
         run_nav1d(RunNav1DArgs(out=tmp_path / "run", model="dp", preset="quick",
                                progress=False))
-    assert seen["targs"].model == "dp" and seen["targs"].action_horizon == 1
-    assert seen["targs"].state_cond is False and seen["targs"].cond_fourier > 0
+    assert seen["cfg"].model == "dp" and seen["cfg"].action_horizon == 1
+    assert seen["cfg"].state_cond is False and seen["cfg"].cond_fourier > 0
 
 
 def test_bf16_is_fast_answers_for_the_device_asked():
     import torch
 
-    from diffalign.commands.run import bf16_is_fast
+    from diffalign.pipeline import bf16_is_fast
 
     assert isinstance(bf16_is_fast("cpu"), bool)
     if not torch.cuda.is_available():
@@ -217,13 +219,13 @@ def test_bf16_is_fast_answers_for_the_device_asked():
 
 
 def test_run_nav1d_critic_sizes_from_preset_or_arguments(tmp_path, capsys):
-    from diffalign.commands.run import PRESETS, RunNav1DArgs, critic_sizes
-
-    assert critic_sizes(RunNav1DArgs(out=tmp_path / "a")) == (
-        PRESETS["default"]["critic_ensemble"], PRESETS["default"]["critic_steps"])
-    assert critic_sizes(RunNav1DArgs(out=tmp_path / "a", preset="paper"))[0] == 2
-    assert critic_sizes(RunNav1DArgs(out=tmp_path / "a", critic_ensemble=2,
-                                     critic_steps=4000)) == (2, 4000)
+    default = NAV1D_PRESETS["default"]
+    cfg = default.critic_config(covered=False, seed=0, device="cpu")
+    assert (cfg.ensemble, cfg.steps) == (default.critic_ensemble, default.critic_steps)
+    assert cfg.backup_actions == 0 and cfg.expectile == default.critic_expectile
+    assert NAV1D_PRESETS["paper"].critic_config(False, 0, "cpu").ensemble == 2
+    cfg = default.critic_config(True, 0, "cpu", ensemble=3, steps=4000)
+    assert (cfg.ensemble, cfg.steps, cfg.backup_actions) == (3, 4000, 8)
     assert main(["run", "nav1d", "--critic-ensemble", "0", "--out", str(tmp_path / "x")]) == 2
     assert "critic_ensemble=0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

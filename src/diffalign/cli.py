@@ -68,6 +68,8 @@ def _loader(module: str, cfg: str, fn: str):
 COMMANDS: dict[str, Command] = {
     "run nav1d": Command("the main job: data, foundation, critic, alignment, cascade, report",
                          _loader("run", "RunNav1DArgs", "run_nav1d")),
+    "run": Command("the same pipeline on any task: run TASK --out DIR (nav1d/*, metaworld/*, "
+                   "mujoco/*, a dataset file)", _loader("run", "RunArgs", "run_main")),
     "train": Command("train a foundation model (diffuser, dd, dp, synther)",
                      _loader("train", "TrainArgs", "train_main")),
     "critic": Command("train an IQL critic on a task's data",

@@ -1,28 +1,20 @@
 """``diffalign train``: train a foundation diffusion model (Diffuser, DD, DP or SynthER).
 
-A thin call into the library: resolve the task, build the model, run the generic trainer and
-save ``OUT/config.json`` (task, spec, obs/act dims, training settings) and
-``OUT/model.safetensors`` (EMA weights and normalisers). A killed run resumes from
-``OUT/train_state``; a state written with another task, model, process or seed is refused.
-
-The global RNGs are seeded from ``--seed`` before the model is built, so its initial weights,
-and with them the whole run, depend on the seed alone: two runs with the same settings write
-bit-identical checkpoints (on CPU).
+A thin call into :func:`diffalign.train.foundation.train_foundation` (see there for what is
+written and how a run resumes), after resolving the task.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import UserError
+from ..train.foundation import TRAIN_STEPS
 
-__all__ = ["TRAIN_STEPS", "TrainArgs", "resume_settings", "train_main", "train_model"]
-
-TRAIN_STEPS = {"diffuser": 3000, "dd": 3000, "dp": 3000}
-"""Default optimiser steps per kind (a couple of minutes on 2 CPU cores for Nav1D)."""
+__all__ = ["TRAIN_STEPS", "TrainArgs", "foundation_config", "train_main", "train_model"]
 
 
 @dataclass
@@ -104,67 +96,31 @@ class TrainArgs:
             raise UserError(f"out {str(self.out)!r} exists and is not a directory")
 
 
-def _task_meta(task, args: TrainArgs) -> dict[str, Any]:
-    meta: dict[str, Any] = {"task": args.task, "layout_seed": args.layout_seed}
-    for key in ("env_id", "dataset_kind", "kind", "horizon", "step_size", "behaviour_policy"):
-        v = task.meta.get(key)
-        if isinstance(v, (str, int, float, bool)):
-            meta[key] = v
-    if "kind" in meta and "dataset_kind" not in meta:
-        meta["dataset_kind"] = meta["kind"]
-    meta.pop("kind", None)
-    meta["ref_min"], meta["ref_max"] = task.ref_min, task.ref_max
-    return meta
+def foundation_config(args: TrainArgs):
+    """The library's :class:`~diffalign.train.foundation.FoundationConfig` of the flags."""
+    from ..train.foundation import FoundationConfig
 
-
-def resume_settings(args: TrainArgs, spec: dict[str, Any]) -> dict[str, Any]:
-    """What determines a training run's result beyond its optimisation settings: recorded
-    in its training state, and a resume with other values is refused."""
-    settings: dict[str, Any] = {"task": args.task, "model": args.model,
-                                "process": args.process, "spec": spec, "seed": args.seed}
-    if args.task.startswith("nav1d/"):  # the generated dataset's size and layout
-        settings.update(layout_seed=args.layout_seed, episodes=args.episodes)
-    return settings
+    return FoundationConfig(model=args.model, process=args.process, backbone=args.backbone,
+                            horizon=args.horizon, obs_history=args.obs_history,
+                            action_horizon=args.action_horizon, state_cond=args.state_cond,
+                            cond_fourier=args.cond_fourier, steps=args.steps,
+                            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            device=args.device, bf16=args.bf16)
 
 
 def train_model(args: TrainArgs):
-    """Build and train; returns ``(model, fit_result, train_config)``. Validates first."""
-    from ..errors import UserError
-    from ..models.registry import build_model
+    """Resolve the task and train (:func:`~diffalign.train.foundation.train_foundation`);
+    returns ``(model, fit_result, train_config)``."""
     from ..tasks import resolve_task
-    from ..train.trainer import TrainConfig, fit, seed_everything
+    from ..train.foundation import train_foundation
 
     try:
         task = resolve_task(args.task, layout_seed=args.layout_seed, episodes=args.episodes,
                             download=args.download)
     except ValueError as e:  # an unknown task or dataset name
         raise UserError(str(e)) from e
-    overrides = {k: getattr(args, k) for k in ("horizon", "obs_history", "action_horizon")
-                 if getattr(args, k) is not None}
-    if args.state_cond:
-        overrides["state_cond"] = True
-    if args.cond_fourier:
-        overrides["cond_fourier"] = args.cond_fourier
-    seed_everything(args.seed)  # the initial weights
-    try:
-        model = build_model(args.model, args.process, args.backbone, obs_dim=task.obs_dim,
-                            act_dim=task.act_dim, meta=_task_meta(task, args), **overrides)
-    except ValueError as e:  # sizes that do not fit the kind or the backbone
-        raise UserError(str(e)) from e
-    dataset = model.make_dataset(task.episodes)
-    cfg = TrainConfig(steps=args.steps or TRAIN_STEPS[args.model], batch_size=args.batch_size,
-                      lr=args.lr, seed=args.seed, device=args.device, bf16=args.bf16,
-                      progress=args.progress, ckpt_every=1000, log_every=100)
-
-    def loss_fn(m, batch_size, generator):
-        return m.loss(dataset.sample(batch_size, generator), generator=generator)
-
-    def save_fn(path, m):
-        m.save(path, extra_config={"train": asdict(cfg)})
-
-    res = fit(model, loss_fn, cfg, out_dir=args.out, save_fn=save_fn,
-              settings=resume_settings(args, model.spec.to_dict()))
-    return res.ema_model, res, cfg
+    return train_foundation(task, foundation_config(args), args.out,
+                            layout_seed=args.layout_seed, progress=args.progress)
 
 
 def train_main(args: TrainArgs) -> dict[str, Any]:

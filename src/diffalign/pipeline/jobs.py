@@ -1,4 +1,4 @@
-"""The jobs ``diffalign run nav1d`` runs in a second process, beside its main one.
+"""The jobs the pipeline (``diffalign run``) runs in a second process, beside its main one.
 
 On a CPU the foundation's small U-Net gains nothing from a second torch thread (one train
 step, ``benchmarks/main_job_parts.py``: 62 ms on 2 threads, 49 ms on 1, and 49 and 51 ms for
@@ -9,8 +9,8 @@ in the environment while the main process aligns. :class:`SideJobs` is that seco
 (or, with ``parallel=False`` or on a GPU, no process: each job then runs at once, in order).
 
 Jobs are module-level functions of plain arguments (paths and configs), so they pickle;
-each reads what it needs from disk (an aligned stage's weights too) and writes its results
-where the serial run would.
+each reads what it needs from the run directory (the dataset file of its ``data/``, a saved
+critic, an aligned stage's weights) and writes its results where the serial run would.
 """
 
 from __future__ import annotations
@@ -132,38 +132,38 @@ def done(value: Any) -> Future:
     return fut
 
 
-def critic_job(task_name: str, task_kwargs: dict, cfg: Any, out_dir: str) -> float:
-    """Train the run's critic(s) on the task's episodes and save them in ``out_dir`` (a
-    killed job resumes from the trainer's state there); returns the training seconds."""
+def critic_job(data: dict, cfg: Any, out_dir: str) -> float:
+    """Train the run's critic(s) on the run's dataset (``data``: the arguments of
+    :func:`~diffalign.pipeline.data.load_run_task`) and save them in ``out_dir`` (a killed
+    job resumes from the trainer's state there); returns the training seconds."""
     from ..models.critic import train_critic
 
-    return _timed_training(train_critic, task_name, task_kwargs, cfg, out_dir)
+    return _timed_training(train_critic, data, cfg, out_dir)
 
 
-def dynamics_job(task_name: str, task_kwargs: dict, cfg: Any, out_dir: str) -> float:
+def dynamics_job(data: dict, cfg: Any, out_dir: str) -> float:
     """Train the run's dynamics model (:func:`~diffalign.models.dynamics.train_dynamics`) and
     save it in ``out_dir``; returns the training seconds."""
     from ..models.dynamics import train_dynamics
 
-    return _timed_training(train_dynamics, task_name, task_kwargs, cfg, out_dir)
+    return _timed_training(train_dynamics, data, cfg, out_dir)
 
 
-def _timed_training(train: Callable[..., Any], task_name: str, task_kwargs: dict, cfg: Any,
-                    out_dir: str) -> float:
+def _timed_training(train: Callable[..., Any], data: dict, cfg: Any, out_dir: str) -> float:
     import time
 
-    from ..tasks import resolve_task
+    from .data import load_run_task
 
-    task = resolve_task(task_name, **task_kwargs)
+    task = load_run_task(**data)
     t0 = time.perf_counter()
     train(task.episodes, cfg, out_dir=out_dir, progress=False)
     return time.perf_counter() - t0
 
 
 def greedy_job(critic_dir: str, layout_seed: int) -> dict:
-    """:func:`~diffalign.commands.critic.nav1d_greedy_return` of the saved critic."""
+    """:func:`~diffalign.eval.nav1d_critic.nav1d_greedy_return` of the saved critic."""
+    from ..eval.nav1d_critic import nav1d_greedy_return
     from ..models.critic import load_critic
-    from .critic import nav1d_greedy_return
 
     return nav1d_greedy_return(load_critic(critic_dir), layout_seed)
 
