@@ -6,6 +6,7 @@ import csv
 import json
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,10 @@ from diffalign.cli import main
 
 pytest.importorskip("peft")
 
-TINY = ("data_episodes=50,foundation_steps=30,critic_steps=30,eval_episodes=2,candidates=3,"
-        "denoise_steps=3,conditions=16,val_conditions=8,max_iters=2,eval_every=1,patience=1,"
-        "rl_states=4,rl_group=2")
+TINY = ("data_episodes=50,foundation_steps=30,critic_steps=30,critic_ensemble=1,"
+        "behavior_steps=30,dynamics_steps=30,eval_episodes=2,candidates=3,denoise_steps=3,"
+        "conditions=16,val_conditions=8,max_iters=2,eval_every=1,patience=1,rl_states=4,"
+        "rl_group=2")
 CELL = "nav1d__full__dp__ddim__s0"
 
 
@@ -48,7 +50,14 @@ def test_one_cell_bench_end_to_end_then_resume_skips(tmp_path, capsys):
     assert ev["aligned_expectation"]["selection"] == "expectation"
     assert [s["method"] for s in res["align"]["stages"]] == ["rl"]
     assert (out / "cells" / CELL / "align" / "adapter" / "adapter_model.safetensors").exists()
-    assert (out / "critics" / "nav1d__full__s0" / "config.json").exists()
+    # a cell is a run of the pipeline, with the data and critic its (task, seed) shares
+    shared = out / "critics" / "nav1d__full__s0"
+    assert (shared / "critic" / "config.json").exists()
+    report = json.loads((out / "cells" / CELL / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["reference", "rl"]
+    assert report["final"]["stage"] in ("reference", "rl") and res["aligned_stage"] == "rl"
+    assert (out / "cells" / CELL / "critic" / "model.safetensors").read_bytes() == \
+        (shared / "critic" / "model.safetensors").read_bytes()
 
     # Table 2 holds exactly the cell's numbers (CSV at full precision, Markdown at 0.1)
     (row,) = _rows(out / "table2.csv")
@@ -205,77 +214,45 @@ def test_ensure_dataset_collects_missing_data_or_says_it_cannot(monkeypatch, tmp
         ensure_dataset("metaworld", "walker2d")
 
 
-class _FakeRef:
-    def __init__(self, fn, args):
-        self.fn, self.args = fn, args
-
-
-def _fake_ray():
-    """The corner of Ray's API the bench uses, run in-process."""
-    ray = types.ModuleType("ray")
-    ray.calls = {"init": [], "remote": []}
-    ray.is_initialized = lambda: bool(ray.calls["init"])
-    ray.init = lambda address=None, **kw: ray.calls["init"].append(address)
-
-    def remote(**opts):
-        ray.calls["remote"].append(opts)
-        return lambda fn: types.SimpleNamespace(remote=lambda *a: _FakeRef(fn, a))
-
-    def wait(pending, num_returns=1):
-        return pending[:num_returns], pending[num_returns:]
-
-    ray.remote, ray.wait = remote, wait
-    ray.get = lambda ref: ref.fn(*ref.args)
-    return ray
-
-
-def _square_or_fail(x):
-    if x < 0:
-        raise ValueError(f"negative {x}")
-    return x * x
-
-
-def test_ray_map_runs_jobs_as_ray_tasks_and_reports_failures(monkeypatch):
+def test_ray_map_runs_jobs_as_ray_tasks_and_reports_failures():
+    """The cells' executor on a real local Ray cluster (one CPU): results by name, a failed
+    job reported with its exception while the others finish."""
+    ray = pytest.importorskip("ray")
     import torch
 
-    from diffalign.bench.grid import _ray_map
+    from diffalign.bench.grid import _ray_map, parse_seeds
 
-    fake = _fake_ray()
-    monkeypatch.setitem(sys.modules, "ray", fake)
     threads = torch.get_num_threads()
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     try:
-        res = _ray_map(_square_or_fail, [(2,), (-1,), (3,)], ["a", "b", "c"],
-                       address="ray://head:10001", cpus=2.0, gpus=0.5)
+        res = _ray_map(parse_seeds, [("0,1",), ("x",), ((2, 2, 3),)], ["a", "b", "c"],
+                       cpus=1.0, threads=1)
     finally:
+        ray.shutdown()
         torch.set_num_threads(threads)
-    assert fake.calls["init"] == ["ray://head:10001"]
-    assert fake.calls["remote"] == [{"num_cpus": 2.0, "num_gpus": 0.5, "max_retries": 0}]
     got = {name: (value, err) for name, value, err in res}
-    assert got["a"] == (4, None) and got["c"] == (9, None)
-    assert got["b"][0] is None and "negative -1" in repr(got["b"][1][0])
+    assert got["a"] == ((0, 1), None) and got["c"] == ((2, 3), None)
+    assert got["b"][0] is None and "seeds must be integers" in repr(got["b"][1][0])
 
 
-def test_rl_kl_size_is_a_number():
-    from diffalign.bench.grid import SIM_RL_KL, BenchSizes, parse_sizes
+def test_sizes_are_recipe_overrides():
+    from diffalign.bench.grid import BenchSizes, parse_sizes, suite_recipe
+    from diffalign.recipes import NAV1D_PRESETS, SIM_PRESETS
 
-    assert BenchSizes().rl_kl == 0.005 and SIM_RL_KL == 0.5
-    assert parse_sizes("rl_kl=0.25,max_iters=3").rl_kl == 0.25
-    assert parse_sizes("", suite="metaworld").rl_kl == SIM_RL_KL
-    assert parse_sizes("max_iters=3", quick=True, suite="mujoco").rl_kl == SIM_RL_KL
-    assert parse_sizes({"rl_kl": 0.01}, suite="metaworld").rl_kl == 0.01
-    with pytest.raises(ValueError, match="rl_kl must be a number"):
+    size = parse_sizes("rl_kl=0.25,max_iters=3,candidates=5,denoise_steps=0")
+    assert (size.recipe.rl_kl, size.recipe.max_iters, size.candidates) == (0.25, 3, 5)
+    assert size.recipe.denoise_steps is None  # 0: the process's own
+    # a cell is the suite's preset without the reference@N stage
+    assert suite_recipe("nav1d") == replace(NAV1D_PRESETS["default"], ref_candidates=0)
+    assert parse_sizes("", quick=True, suite="mujoco").recipe == replace(
+        SIM_PRESETS["quick"], ref_candidates=0)
+    assert parse_sizes("", suite="metaworld").recipe.rl_kl == 0.5
+    on = parse_sizes("rl_group_scale=1", suite="mujoco").recipe
+    assert on.align_config(False, ("rl",), seed=0).rl.qvpg_scale == "group"
+    with pytest.raises(ValueError, match="rl_kl must be"):
         parse_sizes("rl_kl=lots")
     with pytest.raises(ValueError, match="rl_kl"):
-        BenchSizes(rl_kl=-1.0)
-
-
-def test_rl_group_scale_size_reaches_the_rl_config():
-    from diffalign.bench.cell import align_config
-    from diffalign.bench.grid import BenchSizes, parse_sizes
-
-    assert BenchSizes().rl_group_scale == 0
-    on = parse_sizes("rl_group_scale=1", suite="mujoco")
-    assert align_config(on, ["rl"], seed=0, quick=False).rl.qvpg_scale == "group"
-    assert align_config(BenchSizes(), ["rl"], seed=0, quick=False).rl.qvpg_scale == "none"
-    with pytest.raises(ValueError, match="rl_group_scale"):
-        parse_sizes("rl_group_scale=2")
+        parse_sizes("rl_kl=-1")
+    with pytest.raises(ValueError, match="candidates"):
+        BenchSizes(NAV1D_PRESETS["quick"], candidates=0)

@@ -1,12 +1,10 @@
-"""One cell of the benchmark: foundation → (shared) critic → reference evaluations →
-alignment → aligned evaluations → ``result.json``.
+"""One cell of the benchmark: a run of the pipeline (:mod:`diffalign.pipeline`, the code
+path of ``diffalign run``) with the suite's recipe, in the cell's directory, taking the
+data and critic shared by its (task, seed); then, for a Diffusion Policy, the selection
+evaluations of Table 3; then ``result.json``.
 
-Built from the same library functions as ``diffalign run nav1d`` (``train_model``,
-``train_critic``, ``evaluate``, ``align``/``reuse_alignment``) rather than calling
-``run_nav1d``: a cell needs sizes below the run's presets, the Diffusion Policy selection
-evaluations of Table 3, no best-of-64 stage and no cascade, and the same code path for every
-suite. Every step is kept on disk and reused, so a killed cell resumes; ``result.json`` is
-written last and marks the cell finished.
+Every step is kept on disk and reused, so a killed cell resumes; ``result.json`` is written
+last and marks the cell finished.
 """
 
 from __future__ import annotations
@@ -14,18 +12,24 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .grid import SUITE_METRIC, BenchSizes, Cell, task_string
+from ..pipeline.run import stage_score
+from .grid import SUITE_METRIC, Cell, task_string
 
-__all__ = ["COLLECT_HOOK", "DatasetUnavailable", "ensure_critic", "ensure_dataset", "run_cell"]
+__all__ = ["COLLECT_HOOK", "COLLECT_SIZES", "DatasetUnavailable", "aligned_stage",
+           "collect_task", "ensure_critic", "ensure_dataset", "run_cell"]
 
-COLLECT_HOOK = ("diffalign.commands.collect", "collect_task")
+COLLECT_HOOK = ("diffalign.bench.cell", "collect_task")
 """Module and function :func:`ensure_dataset` calls to collect a missing simulator dataset:
-``collect_task(task_string, quick=bool)``, which must leave the dataset where
-``tasks.resolve_task(task_string)`` finds it."""
+``collect_task(task_string, quick=bool, out=None)``, which must leave the dataset where
+``tasks.resolve_task(task_string)`` finds it (or at ``out``)."""
+
+COLLECT_SIZES = {False: {"episodes": 100, "max_train_steps": 300_000},
+                 True: {"episodes": 10, "max_train_steps": 10_000}}
+"""Episodes and SAC budget of :func:`collect_task` (``quick`` or not)."""
 
 
 class DatasetUnavailable(FileNotFoundError):
@@ -52,6 +56,27 @@ def _collector():
         raise DatasetUnavailable(f"{module} has no function {fn}(task, quick=...) for "
                                  "diffalign bench to collect datasets with")
     return collect
+
+
+def collect_task(task: str, quick: bool = False, out: str | Path | None = None) -> Path:
+    """Collect dataset ``FAMILY/NAME/POLICY`` into ``out`` (default: where ``resolve_task``
+    finds it) with :data:`COLLECT_SIZES`, as ``diffalign collect`` does by default."""
+    from ..data import collect as col
+    from ..data.readers import write_d4rl_hdf5
+    from ..tasks import sim_dataset_path
+
+    parts = task.split("/")
+    if len(parts) != 3:
+        raise ValueError(f"collect_task needs FAMILY/NAME/POLICY, got {task!r}")
+    sim, policy = "/".join(parts[:2]), parts[2]
+    size = COLLECT_SIZES[bool(quick)]
+    path = Path(out) if out is not None else sim_dataset_path(sim, policy)
+    if policy == "medium":
+        eps, _ = col.collect_medium(sim, path, episodes=size["episodes"],
+                                    max_train_steps=size["max_train_steps"], progress=False)
+    else:
+        eps = col.collect_episodes(sim, policy, episodes=size["episodes"], progress=False)
+    return write_d4rl_hdf5(path, eps)
 
 
 def ensure_dataset(suite: str, task: str, quick: bool = False) -> str:
@@ -101,165 +126,124 @@ def ensure_dataset(suite: str, task: str, quick: bool = False) -> str:
     return name
 
 
-def ensure_critic(task_name: str, critic_dir: str, seed: int, sizes: dict, device: str = "cpu",
+def _options(task_name: str, out: str | Path, seed: int, recipe, device: str,
+             progress: bool, **kw):
+    from ..pipeline import RunOptions
+
+    return RunOptions(task=task_name, out=Path(out), recipe=recipe, seed=seed, device=device,
+                      progress=progress, parallel=False, cascade=False, **kw)
+
+
+def ensure_critic(task_name: str, critic_dir: str, seed: int, recipe, device: str = "cpu",
                   progress: bool = False) -> str:
-    """Train the IQL critic of ``task_name`` into ``critic_dir`` unless it is there already."""
-    from ..models.critic import CriticConfig, train_critic
-    from ..tasks import resolve_task
+    """The shared directory of ``task_name`` and ``seed``: the run's data, the data's action
+    band and the critic, made by the pipeline's own steps unless they are there."""
+    from ..pipeline.data import load_run_task, write_run_data
+    from ..pipeline.run import train_run_critic
     from ..train.trainer import resolve_device
 
-    device = str(resolve_device(device))
     out = Path(critic_dir)
-    if (out / "config.json").exists():
+    if (out / "critic" / "config.json").exists():
         _log(f"critic {out.name}: loaded")
         return str(out)
-    size = BenchSizes(**sizes)
-    task = resolve_task(task_name, episodes=size.data_episodes)
-    _log(f"critic {out.name}: training IQL for {size.critic_steps} steps")
+    opts = _options(task_name, out, seed, recipe, str(resolve_device(device)), progress)
     t0 = time.perf_counter()
-    train_critic(task.episodes, CriticConfig(steps=size.critic_steps, seed=seed, device=device),
-                 out_dir=out, progress=progress)
+    data = write_run_data(task_name, out, episodes=recipe.data_episodes, seed=seed)
+    _log(f"critic {out.name}: training")
+    *_, fut = train_run_critic(opts, data, load_run_task(**data))
+    if fut is not None:
+        fut.result()
     from ..atomic import write_json
 
     write_json(out / "bench_timing.json", {"train_s": time.perf_counter() - t0})
     return str(out)
 
 
-def _score(res: dict, metric: str) -> float | None:
-    if metric == "success_rate":
-        sr = res.get("success_rate")
-        return None if sr is None else 100.0 * float(sr)
-    v = res.get(metric)
-    return None if v is None else float(v)
+def aligned_stage(report: dict) -> str:
+    """The last aligned stage of a run's report (the adapter alignment ended with)."""
+    names = [s["name"] for s in report["stages"]
+             if not s["name"].startswith("reference") and s["name"] != "cascade"]
+    return names[-1] if names else "reference"
 
 
 def _summary(res: dict, metric: str) -> dict[str, Any]:
     keys = ("return_mean", "return_std", "normalized", "success_rate", "coherency", "entropy",
             "candidates", "selection", "episodes", "steps", "decisions_per_s", "wall_seconds")
-    return {"score": _score(res, metric), **{k: res.get(k) for k in keys}}
-
-
-def align_config(size: BenchSizes, methods: Sequence[str], seed: int, quick: bool):
-    """The :class:`~diffalign.align.runner.AlignConfig` of a cell (no cascade)."""
-    from ..align.runner import AlignConfig
-    from ..align.sequence import SequenceConfig
-
-    seq = SequenceConfig(methods=tuple(methods), passes=size.passes, max_iters=size.max_iters,
-                         eval_every=size.eval_every, patience=size.patience)
-    cfg = AlignConfig(sequence=seq, conditions=size.conditions,
-                      val_conditions=size.val_conditions, steps=size.denoise_steps or None,
-                      seed=seed, cascade=None)
-    cfg.rl = replace(cfg.rl, states_per_iter=size.rl_states, group_size=size.rl_group,
-                     kl_coef=float(size.rl_kl),
-                     qvpg_scale="group" if size.rl_group_scale else "none",
-                     **({"ppo_epochs": 1} if quick else {}))
-    cfg.dpo = replace(cfg.dpo, states_per_iter=size.dpo_states, candidates=size.dpo_candidates,
-                      **({"updates_per_batch": 1} if quick else {}))
-    cfg.sft = replace(cfg.sft, states_per_round=size.sft_states, candidates=size.sft_candidates,
-                      epochs=size.sft_epochs)
-    return cfg
+    return {"score": stage_score(res, metric), **{k: res.get(k) for k in keys}}
 
 
 def run_cell(cell: dict, task_name: str, cell_dir: str, critic_dir: str,
-             methods: Sequence[str], sizes: dict, quick: bool = False, device: str = "cpu",
-             progress: bool = False) -> dict[str, Any]:
-    """Run one cell (resuming from what is in ``cell_dir``) and write its ``result.json``.
+             methods: Sequence[str], recipe, candidates: int = 16, quick: bool = False,
+             device: str = "cpu", progress: bool = False) -> dict[str, Any]:
+    """Run one cell: the pipeline (:func:`~diffalign.pipeline.run_pipeline`, no cascade) in
+    ``cell_dir`` with the shared data and critic of ``critic_dir``, then for a Diffusion
+    Policy the selection evaluations of Table 3; writes ``result.json`` last.
 
     Arguments are plain values so the call can be shipped to a Ray worker.
     """
     import torch
 
-    from ..align.runner import align, reuse_alignment
     from ..atomic import write_json
-    from ..commands.train import TrainArgs, train_model
     from ..eval.evaluate import evaluate
-    from ..models.base import ControlModel
-    from ..models.critic import load_critic
-    from ..tasks import resolve_task
+    from ..pipeline import run_pipeline
+    from ..runs import load_stage
     from ..train.trainer import resolve_device
 
     device = str(resolve_device(device))
     c = Cell(**cell)
-    size = BenchSizes(**sizes)
     out = Path(cell_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "error.txt").unlink(missing_ok=True)
-    metric = SUITE_METRIC[c.suite]
-    steps = size.denoise_steps or None
     t_cell = time.perf_counter()
-    timings: dict[str, float] = {}
     _log(f"cell {c.id}: start")
-
-    # foundation
-    fdir = out / "foundation"
-    t0 = time.perf_counter()
-    if (fdir / "config.json").exists():
-        model = ControlModel.load(fdir, device=device)
-    else:
-        targs = TrainArgs(out=fdir, task=task_name, model=c.model, process=c.process,
-                          episodes=size.data_episodes, steps=size.foundation_steps,
-                          batch_size=size.batch_size, seed=c.seed, device=device,
-                          progress=progress)
-        model, _, _ = train_model(targs)
-        timings["foundation_s"] = time.perf_counter() - t0
-    critic = load_critic(critic_dir, device=device)
-    task = resolve_task(task_name, episodes=size.data_episodes)
-
-    evals: dict[str, dict] = {}
-
-    def run_eval(name: str, candidates: int, selection: str, with_critic: bool) -> None:
-        edir = out / "eval" / name
-        if (edir / "eval.json").exists():
-            res = json.loads((edir / "eval.json").read_text())
-        else:
-            res = evaluate(model, critic=critic if with_critic else None,
-                           episodes=size.eval_episodes, candidates=candidates, steps=steps,
-                           selection=selection, out_dir=edir, seed=c.seed, device=device)
-        evals[name] = _summary(res, metric)
-        s = evals[name]["score"]
-        _log(f"cell {c.id}: {name}: return {res['return_mean']:.2f} ± {res['return_std']:.2f}"
-             + ("" if s is None else f", score {s:.1f}"))
-
-    def run_evals(stage: str) -> None:
-        """One candidate; for dp also N candidates, expectation vs IDQL (Table 3)."""
+    report = run_pipeline(_options(task_name, out, c.seed, recipe, device, progress,
+                                   model=c.model, process=c.process, methods=tuple(methods),
+                                   preset="quick" if quick else "default",
+                                   shared=Path(critic_dir)))
+    metric = SUITE_METRIC[c.suite]
+    rows = {s["name"]: s for s in report["stages"]}
+    aligned = aligned_stage(report)
+    evals = {"reference": _summary(rows["reference"], metric),
+             "aligned": _summary(rows[aligned], metric)}
+    for k in ("reference", "aligned"):
+        evals[k]["selection"] = "auto"
+        evals[k]["episodes"] = rows["reference" if k == "reference" else aligned].get(
+            "eval_episodes")
+    timings = dict(report.get("timings", {}))
+    if c.model == "dp":  # Table 3: N candidates chosen by expectation or by IDQL
         t0 = time.perf_counter()
-        run_eval(stage, 1, "auto", False)
-        if c.model == "dp":
-            run_eval(f"{stage}_expectation", size.candidates, "expectation", False)
-            run_eval(f"{stage}_idql", size.candidates, "idql_greedy", True)
-        timings[f"{stage}_eval_s"] = time.perf_counter() - t0
-
-    run_evals("reference")
-
-    # alignment
-    adir = out / "align"
-    t0 = time.perf_counter()
-    if (adir / "align.json").exists():
-        reuse_alignment(model, adir, cascade=False)
-    else:
-        _log(f"cell {c.id}: aligning with {','.join(methods)}")
-        align(model, critic, task.episodes, align_config(size, methods, c.seed, quick),
-              out_dir=adir, progress=progress)
-        timings["align_s"] = time.perf_counter() - t0
-    info = json.loads((adir / "align.json").read_text())
-
-    run_evals("aligned")
+        for key, stage in (("reference", "reference"), ("aligned", aligned)):
+            st = load_stage(out, stage, device=device)
+            for sel, with_critic in (("expectation", False), ("idql", True)):
+                name = f"{key}_{sel}"
+                edir = out / "eval" / name
+                if (edir / "eval.json").exists():
+                    res = json.loads((edir / "eval.json").read_text())
+                else:
+                    res = evaluate(st.model, critic=str(out / "critic") if with_critic else None,
+                                   episodes=recipe.eval_episodes, candidates=candidates,
+                                   steps=recipe.denoise_steps,
+                                   selection="idql_greedy" if with_critic else "expectation",
+                                   out_dir=edir, seed=c.seed, device=device)
+                evals[name] = _summary(res, metric)
+        timings["selection_eval_s"] = time.perf_counter() - t0
     timings["cell_s"] = time.perf_counter() - t_cell
-
+    info = json.loads((out / "align" / "align.json").read_text())
     result: dict[str, Any] = {
         "cell": c.id, "suite": c.suite, "task": c.task, "task_string": task_name,
         "model": c.model, "process": c.process, "seed": c.seed, "methods": list(methods),
         "metric": metric, "quick": quick,
         "reference": evals["reference"]["score"], "aligned": evals["aligned"]["score"],
+        "aligned_stage": aligned, "final": report["final"]["stage"],
         "selection": None, "evals": evals,
         "align": {"reference_val_reward": info.get("reference_val_reward"),
                   "stages": info.get("stages", []), "events": info.get("events", [])},
-        "sizes": sizes, "timings": timings, "device": device,
-        "torch": torch.__version__,
+        "sizes": {**asdict(recipe), "candidates": candidates}, "timings": timings,
+        "device": device, "torch": torch.__version__,
     }
     if c.model == "dp":
         result["selection"] = {
-            "candidates": size.candidates,
+            "candidates": candidates,
             "expectation": {"reference": evals["reference_expectation"]["score"],
                             "aligned": evals["aligned_expectation"]["score"]},
             "idql": {"reference": evals["reference_idql"]["score"],

@@ -1,8 +1,10 @@
 """The benchmark grid: suites, cells, sizes, and the run over all cells.
 
-A *cell* is one (suite task, model, process, seed). The run is done in two waves: first one
-IQL critic per (task, seed) (shared by every model and process of that task and seed), then
-the cells (:func:`~diffalign.bench.cell.run_cell`). Both waves run through Ray when it can be
+A *cell* is one (suite task, model, process, seed): a run of the pipeline of ``diffalign run``
+(:mod:`diffalign.pipeline`) with the suite's recipe. The bench is done in two waves: first
+the data and IQL critic of each (task, seed) (shared by every model and process of that
+task and seed, made by the pipeline's own steps), then the cells
+(:func:`~diffalign.bench.cell.run_cell`). Both waves run through Ray when it can be
 imported (a local cluster, or ``ray_address``), one after the other otherwise. A cell whose
 ``cells/<id>/result.json`` exists is finished and skipped, so a killed bench is resumed by
 running it again; a cell that fails is reported (``cells/<id>/error.txt``) and the others go on.
@@ -10,10 +12,9 @@ running it again; a cell that fails is reported (``cells/<id>/error.txt``) and t
 Layout of ``OUT``::
 
     OUT/cells/<cell id>/result.json    the cell's numbers (written last, atomically)
-    OUT/cells/<cell id>/foundation/    the reference model
-    OUT/cells/<cell id>/align/         the LoRA adapter and align.json
-    OUT/cells/<cell id>/eval/<stage>/  eval.json and eval.png of each evaluation
-    OUT/critics/<suite>__<task>__s<seed>/   the shared IQL critics
+    OUT/cells/<cell id>/               a run directory of the pipeline (report.json,
+                                       foundation/, align/, eval/<stage>/, ...)
+    OUT/critics/<suite>__<task>__s<seed>/   the shared data/, behavior/ and critic/
     OUT/table2.md, table2.csv, table3.md, table3.csv, OUT/<suite>.png
 """
 
@@ -22,14 +23,16 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..recipes import Recipe
 
 __all__ = ["MODELS", "PROCESSES", "SUITES", "SUITE_METRIC", "BenchSizes", "Cell", "make_cells",
-           "parse_list", "parse_seeds", "parse_sizes", "run_bench", "task_string"]
+           "parse_list", "parse_seeds", "parse_sizes", "run_bench", "suite_recipe",
+           "task_string"]
 
 SUITES: dict[str, tuple[str, ...]] = {
     "nav1d": ("partial", "full", "expert"),
@@ -92,123 +95,63 @@ class Cell:
         return f"{self.suite}__{self.task}__s{self.seed}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class BenchSizes:
-    """How big each step of a cell is (``--quick`` takes :meth:`quick`)."""
+    """How big each step of a cell is: the suite's recipe (:mod:`diffalign.recipes`) with
+    the ``--sizes`` overrides, and the bench's own ``candidates``."""
 
-    data_episodes: int = 1000
-    """Nav1D dataset size in episodes (simulator suites use their collected dataset)."""
-    foundation_steps: int = 3000
-    """Optimiser steps of the foundation model."""
-    batch_size: int = 64
-    """Foundation batch size."""
-    critic_steps: int = 3000
-    """Optimiser steps of the IQL critic."""
-    eval_episodes: int = 50
-    """Evaluation episodes of every evaluation."""
+    recipe: Recipe
+    """The recipe every cell's run takes."""
     candidates: int = 16
     """Candidates per decision of the Diffusion Policy selection evaluations (Table 3)."""
-    denoise_steps: int = 0
-    """Denoising steps when aligning and evaluating (0: the process's default)."""
-    conditions: int = 512
-    """Dataset states alignment optimises on."""
-    val_conditions: int = 128
-    """Held-out states of alignment's validation reward."""
-    passes: int = 2
-    """Maximum passes over the alignment methods."""
-    max_iters: int = 24
-    """Maximum updates of one method in one pass."""
-    eval_every: int = 3
-    """Updates between validation evaluations while aligning."""
-    patience: int = 3
-    """Validation evaluations without gain before a method stops."""
-    rl_states: int = 32
-    """RL: conditions per update."""
-    rl_group: int = 8
-    """RL: samples per condition."""
-    dpo_states: int = 32
-    """DPO: conditions per update."""
-    dpo_candidates: int = 8
-    """DPO: samples ranked per condition."""
-    sft_states: int = 64
-    """SFT: conditions per round."""
-    sft_candidates: int = 16
-    """SFT: samples per condition."""
-    sft_epochs: int = 4
-    """SFT: epochs over the kept samples per round."""
-    rl_kl: float = 0.005
-    """RL: weight of the KL to the reference. Simulator suites default to
-    :data:`SIM_RL_KL` unless it is given: with 0.005 the aligned Diffusion Policy on
-    MetaWorld button-press exploited its expert-data critic and fell from 100% success to 0;
-    with 0.5 and 5.0 it kept 100%."""
-
-    rl_group_scale: int = 0
-    """RL: 1 divides QV-PG's reward by its spread over each condition's group
-    (``RLConfig.qvpg_scale="group"``), which makes ``rl_kl`` independent of the reward's
-    scale; 0 uses the reward as it is."""
 
     def __post_init__(self) -> None:
-        if self.rl_group_scale not in (0, 1):
-            raise UserError(f"size rl_group_scale must be 0 or 1, got "
-                             f"rl_group_scale={self.rl_group_scale!r}")
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name in FLOAT_SIZES:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                    raise UserError(f"size {f.name} must be a number >= 0, got "
-                                     f"{f.name}={v!r}")
-                continue
-            low = 0 if f.name in ("denoise_steps", "rl_group_scale") else 1
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise UserError(f"size {f.name} must be an integer >= {low}, got "
-                                 f"{f.name}={v!r}")
-
-    @classmethod
-    def quick(cls) -> BenchSizes:
-        """Smoke-test sizes: one Nav1D cell in about a minute on 2 CPU cores."""
-        return cls(data_episodes=200, foundation_steps=400, critic_steps=400, eval_episodes=8,
-                   candidates=8, conditions=128, val_conditions=32, passes=1, max_iters=4,
-                   eval_every=2, patience=2, rl_states=8, rl_group=4, dpo_states=16,
-                   dpo_candidates=4, sft_states=16, sft_candidates=8, sft_epochs=2)
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or \
+                self.candidates < 1:
+            raise UserError(f"size candidates must be an integer >= 1, got "
+                            f"candidates={self.candidates!r}")
 
 
-FLOAT_SIZES = ("rl_kl",)
-"""Sizes that are real numbers (the others are integers)."""
-SIM_RL_KL = 0.5
-"""RL's KL weight on the simulator suites unless ``rl_kl`` is given (see BenchSizes.rl_kl)."""
+CELL_RECIPE = {"ref_candidates": 0}
+"""What a cell's run leaves out unless ``--sizes`` asks for it: the ``reference@N`` stage (N
+times dearer per decision; the tables do not use it)."""
+
+
+def suite_recipe(suite: str, quick: bool = False) -> Recipe:
+    """The recipe of a suite's cells: its family's ``quick`` or ``default`` preset."""
+    from ..recipes import NAV1D_PRESETS, SIM_PRESETS
+
+    presets = NAV1D_PRESETS if suite == "nav1d" else SIM_PRESETS
+    return replace(presets["quick" if quick else "default"], **CELL_RECIPE)
 
 
 def parse_sizes(text: str | dict | None, quick: bool = False, suite: str = "nav1d"
                 ) -> BenchSizes:
-    """The preset sizes of ``suite`` with ``KEY=VALUE,…`` (or a dict) applied; ValueError
-    names bad keys. Simulator suites start from ``rl_kl=SIM_RL_KL``."""
-    base = BenchSizes.quick() if quick else BenchSizes()
-    if suite != "nav1d":
-        base = replace(base, rl_kl=SIM_RL_KL)
-    if not text:
-        return base
+    """The suite's recipe (:func:`suite_recipe`) with ``KEY=VALUE,…`` (or a dict) applied:
+    any field of :class:`~diffalign.recipes.Recipe`, and ``candidates``. A ``UserError``
+    names a bad key or value."""
+    from ..recipes import with_overrides
+
+    items: dict = {}
     if isinstance(text, dict):
         items = dict(text)
-    else:
-        items = {}
+    elif text:
         for part in str(text).split(","):
             if not part.strip():
                 continue
             key, eq, value = part.partition("=")
-            key = key.strip()
             if not eq:
                 raise UserError(f"size override {part.strip()!r} is not KEY=VALUE")
-            try:
-                items[key] = float(value) if key in FLOAT_SIZES else int(value)
-            except ValueError:
-                kind = "a number" if key in FLOAT_SIZES else "an integer"
-                raise UserError(f"size {key} must be {kind}, got {key}={value.strip()!r}"
-                                 ) from None
-    known = {f.name for f in fields(BenchSizes)}
-    bad = sorted(set(items) - known)
-    if bad:
-        raise UserError(f"unknown size(s) {', '.join(bad)}; valid: {', '.join(sorted(known))}")
-    return replace(base, **items)
+            items[key.strip()] = value.strip()
+    candidates = items.pop("candidates", 8 if quick else 16)
+    try:
+        candidates = int(candidates)
+    except ValueError:
+        raise UserError(f"size candidates must be an integer, got candidates="
+                        f"{candidates!r}") from None
+    if str(items.get("denoise_steps")) == "0":  # 0: the process's own
+        items["denoise_steps"] = None
+    return BenchSizes(with_overrides(suite_recipe(suite, quick), items), candidates)
 
 
 def parse_list(value: str | Sequence[str] | None, name: str, choices: Sequence[str],
@@ -402,9 +345,8 @@ def run_bench(out: str | Path, suite: str, tasks=None, models=None, processes=No
         crit = {}
         for c in pending:
             crit.setdefault(c.critic_id, c)
-        size_d = asdict(size)
         results = mapper(ensure_critic,
-                         [(task_names[c.task], str(out / "critics" / cid), c.seed, size_d,
+                         [(task_names[c.task], str(out / "critics" / cid), c.seed, size.recipe,
                            device, progress) for cid, c in crit.items()], list(crit))
         bad_critics = {}
         for name, _, err in results:
@@ -421,8 +363,8 @@ def run_bench(out: str | Path, suite: str, tasks=None, models=None, processes=No
             else:
                 todo.append(c)
         jobs = [(asdict(c), task_names[c.task], str(out / "cells" / c.id),
-                 str(out / "critics" / c.critic_id), method_list, size_d, quick, device,
-                 progress) for c in todo]
+                 str(out / "critics" / c.critic_id), method_list, size.recipe,
+                 size.candidates, quick, device, progress) for c in todo]
         for name, _res, err in mapper(run_cell, jobs, [c.id for c in todo]):
             if err is None:
                 ran.append(name)

@@ -1,5 +1,5 @@
-"""``diffalign bench``: run a grid of (task, model, process, seed) cells, each trained,
-aligned and evaluated, and write the paper's Table 2 and Table 3 and a plot per suite.
+"""``diffalign bench``: run a grid of (task, model, process, seed) cells, each a run of the
+pipeline of ``diffalign run``, and write the paper's Table 2 and Table 3 and a plot per suite.
 
 A thin call into :func:`diffalign.bench.run_bench`; see :mod:`diffalign.bench.grid` for the
 output layout.
@@ -23,8 +23,8 @@ QUICK_GRID = {"models": "diffuser,dp", "processes": "ddim", "seeds": "0"}
 
 @dataclass
 class BenchArgs:
-    """Benchmark grid: foundation, critic, reference, alignment and aligned evaluation per
-    cell; Table 2 (models × samplers) and Table 3 (DP expectation vs IDQL) over the cells."""
+    """Benchmark grid: one run of the pipeline (diffalign run, no cascade) per cell; Table 2
+    (models × samplers) and Table 3 (DP expectation vs IDQL) over the cells."""
 
     out: Path = Path("runs/bench")
     """Output directory (re-running skips finished cells; tables cover every finished cell
@@ -47,11 +47,11 @@ class BenchArgs:
     """Seeds, comma-separated (tables give mean ± std over them; default 0,1,2, with
     --quick 0)."""
     quick: bool = False
-    """Tiny sizes (one Nav1D cell in about a minute on a CPU) and, unless given, a small grid:
-    diffuser and dp, ddim, seed 0."""
+    """The quick preset of the suite's recipe (a smoke test of every step) and, unless given,
+    a small grid: diffuser and dp, ddim, seed 0."""
     sizes: str = ""
-    """Size overrides KEY=VALUE,… (e.g. foundation_steps=1000,eval_episodes=20; see
-    diffalign.bench.BenchSizes for the keys)."""
+    """Recipe overrides KEY=VALUE,… (e.g. foundation_steps=1000,eval_episodes=20: any field
+    of diffalign.recipes.Recipe), and candidates=N (Table 3's candidates per decision)."""
     device: str = "cpu"
     """Torch device of every cell: cpu, cuda or auto."""
     ray: Literal["auto", "on", "off"] = "auto"
