@@ -161,10 +161,28 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
                          extra={"reference_spec": model.spec.to_dict()})
         if on_stage_end is not None:
             on_stage_end(st, net)
+
+    progress_dir = None if out_dir is None or online is not None else Path(out_dir) / "progress"
+    fingerprint = _fingerprint(cfg, model)
+    resume = None if progress_dir is None else _load_boundary(progress_dir, net, fingerprint)
+    if resume is not None:  # the finished stages again, for their callbacks, in order
+        for st in resume["stages"]:
+            stage_heldout[st["name"]] = torch.tensor(resume["heldout"][st["name"]])
+            if on_stage_end is not None:
+                _set_adapter(net, Path(out_dir) / "stages" / st["name"] / "adapter")
+                on_stage_end(StageResult(**st), net)
+        _set_adapter(net, Path(out_dir) / "stages" / resume["stages"][-1]["name"] / "adapter")
+
+    def save_boundary(state: dict) -> None:
+        state["heldout"] = {k: v.tolist() for k, v in stage_heldout.items()}
+        _save_boundary(progress_dir, net, state, fingerprint)
+
     stages, events, _ = run_sequence(setup, net, cfg.sequence,
                                      {"rl": cfg.rl, "dpo": cfg.dpo, "sft": cfg.sft},
                                      seed=cfg.seed, on_stage_end=stage_end,
-                                     progress=progress, online=online, on_update=on_update)
+                                     progress=progress, online=online, on_update=on_update,
+                                     checkpoint=None if progress_dir is None else save_boundary,
+                                     resume=resume)
     result = AlignResult(model=model, net=net, stages=stages, events=events,
                          reference_reward=ref_reward, pessimism=pess_info)
     if out_dir is not None:  # the adapter first: align.json below marks the run complete
@@ -220,6 +238,56 @@ def _dynamics(episodes, cfg: RolloutConditions, out_dir, progress: bool, device)
         return DynamicsModel.load(where, device=device)
     return train_dynamics(episodes, replace(cfg.dynamics, device=str(device)), out_dir=where,
                           progress=progress)
+
+
+def _fingerprint(cfg: AlignConfig, model) -> str:
+    """A hash of the settings a resumed sequence must share with the one it continues."""
+    import hashlib
+
+    text = json.dumps({"config": asdict(cfg), "spec": model.spec.to_dict()}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _save_boundary(where: Path, net, state: dict, fingerprint: str) -> None:
+    """Write a stage boundary's state: tensors first, then ``state.json``, which marks it."""
+    from .lora import lora_parameters
+
+    names = [n for n, p in net.named_parameters() if "lora_" in n and p.requires_grad]
+    tensors = {f"lora/{n}": p.detach() for n, p in zip(names, lora_parameters(net))}
+    tensors["rng/generator"] = state.pop("generator")
+    tensors["rng/torch"] = state.pop("torch_rng")
+    save_tensors(where / "state.safetensors", tensors)
+    write_json(where / "state.json", {**state, "fingerprint": fingerprint})
+
+
+def _load_boundary(where: Path, net, fingerprint: str) -> dict | None:
+    """The last stage boundary saved in ``where`` (adapter set into ``net``), or None."""
+    from ..errors import UserError
+
+    if not (where / "state.json").exists():
+        return None
+    state = json.loads((where / "state.json").read_text())
+    if state.pop("fingerprint", None) != fingerprint:
+        raise UserError(f"{where.parent} holds an unfinished alignment with other settings: "
+                        f"it cannot be resumed; use a new output directory or delete "
+                        f"{where.parent}")
+    tensors = load_tensors(where / "state.safetensors")
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_" in n and p.requires_grad:
+                p.copy_(tensors[f"lora/{n}"])
+    state["generator"], state["torch_rng"] = tensors["rng/generator"], tensors["rng/torch"]
+    return state
+
+
+def _set_adapter(net, directory: Path) -> None:
+    """Set the LoRA-wrapped ``net``'s adapter weights to those saved in ``directory``."""
+    from peft import set_peft_model_state_dict
+
+    from .lora import ADAPTER_WEIGHTS
+
+    set_peft_model_state_dict(net, load_tensors(directory / ADAPTER_WEIGHTS))
 
 
 def _behavior(episodes, cfg: PessimismConfig, out_dir, progress: bool, device):

@@ -28,7 +28,8 @@ from .lora import lora_parameters, reference
 from .rl import RLConfig, RLMethod
 from .sft import SFTConfig, SFTMethod
 
-__all__ = ["METHODS", "SequenceConfig", "StageResult", "build_method", "run_sequence"]
+__all__ = ["METHODS", "SequenceConfig", "StageResult", "boundary_state", "build_method",
+           "run_sequence"]
 
 METHODS = ("rl", "dpo", "sft")
 
@@ -93,7 +94,9 @@ def build_method(name: str, setup: AlignSetup, net, cfgs: dict, generator):
 def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None = None,
                  seed: int = 0, on_stage_end: Callable[[StageResult], None] | None = None,
                  progress: bool = True, online=None,
-                 on_update: Callable[[], None] | None = None
+                 on_update: Callable[[], None] | None = None,
+                 checkpoint: Callable[[dict], None] | None = None,
+                 resume: dict | None = None
                  ) -> tuple[list[StageResult], list[dict], Guard]:
     """Run the sequence on the LoRA-wrapped ``net``; returns (stages, events, guard).
 
@@ -104,18 +107,38 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
     critic and each round is recorded as an event. ``on_update()`` is called before every
     update (``run nav1d`` uses it to take back its second thread when its side process is
     idle).
+
+    ``checkpoint(state)`` is called at every stage boundary with what the rest of the
+    sequence depends on (see :func:`boundary_state`); ``resume`` is such a state, with the
+    adapter already set to its stage's: the sequence then goes on after that stage and ends
+    as an uninterrupted one would (CPU, same thread count).
     """
     cfgs = cfgs or {}
     gen = torch.Generator().manual_seed(seed)
-    ref_reward, _ = validation_reward(setup, net=net)
-    scale = max(reward_spread(setup, net=net), 1e-6)
+    if resume is None:
+        ref_reward, _ = validation_reward(setup, net=net)
+        scale = max(reward_spread(setup, net=net), 1e-6)
+        floor = support_floor(setup, net) if seq.guard.support_frac < 1 else None
+    else:
+        ref_reward, scale, floor = resume["reference_reward"], resume["scale"], resume["floor"]
     guard = Guard(lora_parameters(net), reference_reward=ref_reward, cfg=seq.guard, scale=scale)
     guard.observe(ref_reward)
-    floor = support_floor(setup, net) if seq.guard.support_frac < 1 else None
     stages: list[StageResult] = []
     events: list[dict] = []
     pass_start = ref_reward
     updates = 0
+    done = 0
+    if resume is not None:
+        if online is not None:
+            raise ValueError("an alignment with online rounds cannot resume mid-sequence")
+        gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        guard.best_reward = resume["best_reward"]
+        guard.best_state = guard.snapshot()
+        stages = [StageResult(**st) for st in resume["stages"]]
+        events = list(resume["events"])
+        pass_start, updates, done = resume["pass_start"], resume["updates"], len(stages)
+    k = 0  # stages of the sequence reached so far, done ones included
 
     def online_round(name: str) -> None:
         nonlocal pass_start
@@ -131,6 +154,9 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
 
     for p in range(seq.passes):
         for m in seq.methods:
+            k += 1
+            if k <= done:
+                continue
             name = m if p == 0 else f"{m}_p{p + 1}"
             method = build_method(m, setup, net, cfgs, gen)
             guard.new_stage()
@@ -176,9 +202,26 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
             stages.append(stage)
             if on_stage_end is not None:
                 on_stage_end(stage)
+            if checkpoint is not None:
+                checkpoint(boundary_state(gen, guard, stages, events, pass_start, updates,
+                                          floor))
         gain = guard.best_reward - pass_start
         pass_start = guard.best_reward
         if p + 1 < seq.passes and gain < seq.pass_min_gain * scale:
             events.append({"kind": "passes_stopped", "after_pass": p + 1, "gain": gain})
             break
     return stages, events, guard
+
+
+def boundary_state(gen: torch.Generator, guard: Guard, stages: list[StageResult],
+                   events: list[dict], pass_start: float, updates: int,
+                   floor: float | None) -> dict:
+    """What the rest of a sequence depends on at a stage boundary, besides the adapter (the
+    guard's best, which each stage ends on): RNG states, the guard's reward and units, the
+    stages and events so far, and the pass's starting reward."""
+    from dataclasses import asdict
+
+    return {"generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "reference_reward": guard.reference_reward, "scale": guard.scale, "floor": floor,
+            "best_reward": guard.best_reward, "pass_start": pass_start, "updates": updates,
+            "stages": [asdict(s) for s in stages], "events": list(events)}
