@@ -57,10 +57,14 @@ def test_evaluate_writes_all_metrics_and_picture(kind, tmp_path):
         assert k in saved and saved[k] is not None, k
     assert (d / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert saved["selection"] == ("idql_greedy" if kind == "dp" else "best")
-    assert 0.0 <= saved["coherency"] <= 1.0
+    assert 0.0 < saved["coherency"] < 1.0  # an untrained model's plans break the dynamics
     assert saved["episode_length_mean"] == 32
     assert res["return_mean"] == pytest.approx(saved["return_mean"])
-    assert saved["normalized"] == pytest.approx(100 * saved["return_mean"] / saved["ref_max"])
+    # % of the optimum, the optimum solved here by dynamic programming (layout 0, x0 ~ U(-1, 1))
+    from diffalign.envs.nav1d_optimum import nav1d_optimum
+
+    optimum = nav1d_optimum(0)["optimal_return"]
+    assert saved["normalized"] == pytest.approx(100 * saved["return_mean"] / optimum)
 
 
 def test_rollout_records_and_is_reproducible(tmp_path):

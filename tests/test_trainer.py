@@ -324,8 +324,10 @@ def test_save_fn_receives_ema_model(tmp_path):
 def test_params_subset_only_trains_those(tmp_path):
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     frozen = model[0].weight.detach().clone()
+    trained = model[1].weight.detach().clone()
     res = fit(model, regression_loss, cfg(steps=5), params=model[1].parameters())
     assert torch.equal(res.model[0].weight, frozen)
+    assert not torch.equal(res.model[1].weight, trained)  # the other layer did train
 
 
 # -------------------------------------------------------------------------- multi-process
