@@ -222,7 +222,6 @@ def run_cell(cell: dict, task_name: str, cell_dir: str, critic_dir: str,
                 else:
                     res = evaluate(st.model, critic=str(out / "critic") if with_critic else None,
                                    episodes=recipe.eval_episodes, candidates=candidates,
-                                   steps=recipe.denoise_steps,
                                    selection="idql_greedy" if with_critic else "expectation",
                                    out_dir=edir, seed=c.seed, device=device)
                 evals[name] = _summary(res, metric)

@@ -313,8 +313,6 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
         else:
             kw = dict(episodes=n_episodes or episodes, candidates=candidates,
                       out_dir=str(edir), seed=opts.seed, device=opts.device)
-            if R.denoise_steps is not None:
-                kw["steps"] = R.denoise_steps
             if model_obj is not None:
                 fut = done(evaluate(model_obj, critic=critic, **kw))
             else:

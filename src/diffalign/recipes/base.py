@@ -84,7 +84,8 @@ class Recipe:
     cascade_states: int = 32
     """States per cascade round."""
     denoise_steps: int | None = None
-    """Denoising steps while aligning and evaluating (None: the process's default)."""
+    """Denoising steps the foundation samples with, in alignment, evaluation and later use
+    (its process's ``default_steps``; None: the process's own)."""
     eval_episodes: int = 50
     """Evaluation episodes per stage."""
     ref_candidates: int = 64
@@ -173,6 +174,7 @@ class Recipe:
         planner = model in ("diffuser", "dd")
         return FoundationConfig(
             model=model, process=process, steps=self.foundation_steps,
+            sample_steps=self.denoise_steps,
             batch_size=self.foundation_batch, seed=seed, device=device,
             state_cond=planner and self.planner_state_cond,
             action_horizon=self.dp_action_horizon if model == "dp" else None,
@@ -233,8 +235,7 @@ class Recipe:
                              patience=self.patience)
         cfg = AlignConfig(sequence=seq, conditions=self.conditions,
                           val_conditions=self.val_conditions, seed=seed,
-                          lora_rank=self.lora_rank, lora_alpha=2.0 * self.lora_rank,
-                          steps=self.denoise_steps)
+                          lora_rank=self.lora_rank, lora_alpha=2.0 * self.lora_rank)
         cfg.dpo = replace(cfg.dpo, max_updates=self.dpo_updates, pair_source=dpo_pairs)
         cfg.sft = replace(cfg.sft, max_updates=self.sft_rounds)
         cfg.rl = replace(cfg.rl, max_updates=self.rl_updates, eval_every=self.rl_eval_every)

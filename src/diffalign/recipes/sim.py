@@ -39,11 +39,12 @@ _DEFAULT = SimRecipe()
 SIM_PRESETS: dict[str, SimRecipe] = {
     "default": _DEFAULT,
     # a smoke test of every step on a few collected episodes
-    "quick": replace(_DEFAULT, foundation_steps=200, critic_steps=200, behavior_steps=200,
-                     dynamics_steps=100, passes=1, max_iters=2, eval_every=1, patience=1,
+    "quick": replace(_DEFAULT, foundation_steps=100, critic_steps=100, behavior_steps=100,
+                     dynamics_steps=100, denoise_steps=5, passes=1, max_iters=2, eval_every=1,
+                     patience=1,
                      conditions=64, val_conditions=16, eval_episodes=2, ref_candidates=4,
                      ref_eval_episodes=2, cascade_rounds=1, cascade_steps=5, cascade_states=8,
-                     denoise_steps=5, rl_states=8, rl_group=4, rl_ppo_epochs=1, dpo_states=8,
+                     rl_states=8, rl_group=4, rl_ppo_epochs=1, dpo_states=8,
                      dpo_candidates=4, dpo_updates_per_batch=1, sft_states=8, sft_candidates=4,
                      sft_epochs=1),
     # longer training and more episodes: meant for a GPU

@@ -43,6 +43,8 @@ class FoundationConfig:
     """Planners: feed the present state to every block as a global condition too."""
     cond_fourier: int = 0
     """Fourier frequencies of the global condition (0: raw values)."""
+    sample_steps: int | None = None
+    """Denoising steps the model samples with by default (None: its process's default)."""
     steps: int | None = None
     """Optimiser steps (default :data:`TRAIN_STEPS`)."""
     batch_size: int = 64
@@ -97,6 +99,8 @@ def train_foundation(task, cfg: FoundationConfig, out_dir: str | Path | None,
         overrides["state_cond"] = True
     if cfg.cond_fourier:
         overrides["cond_fourier"] = cfg.cond_fourier
+    if cfg.sample_steps is not None:
+        overrides["process_kwargs"] = {"default_steps": cfg.sample_steps}
     seed_everything(cfg.seed)  # the initial weights
     try:
         model = build_model(cfg.model, cfg.process, cfg.backbone, obs_dim=task.obs_dim,

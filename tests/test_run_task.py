@@ -1,0 +1,132 @@
+"""`diffalign run TASK` on a simulator task: the quick preset end to end on a few collected
+MetaWorld episodes, a run reproducible from its directory alone, evaluate/export of the run,
+and a run killed by SIGKILL mid-run that resumes to the same result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from diffalign.cli import main
+
+pytest.importorskip("metaworld")
+pytest.importorskip("peft")
+
+TASK = "metaworld/button-press-v3/expert"
+RUN = ["run", TASK, "--preset", "quick", "--process", "ddim", "--no-progress"]
+STAGES = ["reference", "reference@4", "dpo", "sft", "rl", "cascade"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Four expert episodes of 20 steps where ``resolve_task(TASK)`` finds them."""
+    d = tmp_path_factory.mktemp("data")
+    assert main(["collect", "metaworld/button-press-v3", "--policy", "expert", "--episodes",
+                 "4", "--max-episode-steps", "20", "--no-progress", "--out",
+                 str(d / "metaworld" / "button-press-v3-expert.hdf5")]) == 0
+    return d
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir, tmp_path_factory):
+    """One uninterrupted quick run of TASK."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIFFALIGN_DATA", str(data_dir))
+        assert main([*RUN, "--out", str(out)]) == 0
+    return out
+
+
+def _files(out):
+    """The run's files, less TensorBoard's (their names hold the time), what evaluate wrote
+    and the temporary file a killed write may leave (``diffalign.atomic``)."""
+    from diffalign.atomic import TEMP_TAG
+
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                  if p.is_file() and TEMP_TAG not in p.name
+                  and not {"tb", "eval-again"} & set(p.relative_to(out).parts))
+
+
+def test_run_metaworld_quick_end_to_end(run_dir, data_dir, tmp_path, capsys, monkeypatch):
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["task"] == TASK and report["metric"] == "success_rate"
+    assert [s["name"] for s in report["stages"]] == STAGES
+    for s in report["stages"]:  # the task's own metric: MetaWorld's success rate, in %
+        assert s["score"] == pytest.approx(100 * s["success_rate"])
+        assert s["normalized"] is not None
+    assert report["final"]["stage"] in STAGES and report["final"]["reason"]
+    assert report["critic_greedy_normalized"] is None  # a Nav1D-only measure
+    md = (run_dir / "report.md").read_text()
+    assert "success rate (%)" in md and f"| {report['final']['stage']} **(final)** |" in md
+    for png in ("returns.png", "reward_distribution.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+    # every step reads the run's own copy of the data
+    data = run_dir / "data" / "metaworld-button-press-v3-expert.hdf5"
+    assert report["data"] == str(data.resolve())
+    found = json.loads((run_dir / "foundation" / "config.json").read_text())
+    assert found["meta"]["task"] == str(data.resolve())
+    assert not list((run_dir / "eval").glob("*/weights.safetensors"))
+
+    # reproducible from the directory alone: the collected dataset is gone, and the run
+    # resumes, evaluates and exports from what it holds
+    monkeypatch.setenv("DIFFALIGN_DATA", str(tmp_path / "nothing-here"))
+    capsys.readouterr()
+    assert main([*RUN, "--out", str(run_dir)]) == 0
+    log = capsys.readouterr().out
+    assert "foundation: loaded" in log and "critic: loaded" in log and "alignment: loaded" in log
+    again = json.loads((run_dir / "report.json").read_text())
+    assert [s["return_mean"] for s in again["stages"]] == \
+        [s["return_mean"] for s in report["stages"]]
+    final = report["final"]["stage"]
+    assert main(["evaluate", str(run_dir), "--no-progress"]) == 0
+    ev = json.loads((run_dir / "eval-again" / final / "eval.json").read_text())
+    own = json.loads((run_dir / "eval" / final / "eval.json").read_text())
+    assert ev["returns"] == pytest.approx(own["returns"], rel=1e-4)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "export")]) == 0
+    exported = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert exported["export"]["stage"] == final and exported["export"]["task"] == TASK
+
+
+def test_run_killed_mid_run_resumes_to_the_same_result(run_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "DIFFALIGN_DATA": str(data_dir), "OMP_NUM_THREADS": "1",
+           "MPLBACKEND": "Agg"}
+    proc = subprocess.Popen([sys.executable, "-m", "diffalign.cli", *RUN, "--out", str(out)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    # killed once the alignment has saved its first stage, before align.json marks it done
+    marker = out / "align" / "stages"
+    try:
+        deadline = time.time() + 240
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its side process, no clean-up
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (out / "report.json").exists() and not (out / "align" / "align.json").exists()
+    kept = {f: (out / f).read_bytes() for f in ("foundation/model.safetensors",
+                                                "critic/model.safetensors")}
+    os.environ["DIFFALIGN_DATA"] = str(data_dir)
+    try:
+        assert main([*RUN, "--out", str(out)]) == 0
+    finally:
+        del os.environ["DIFFALIGN_DATA"]
+    for f, blob in kept.items():  # finished steps were not redone
+        assert (out / f).read_bytes() == blob
+    # the same artefacts and numbers as the run never killed
+    assert _files(out) == _files(run_dir)
+    a = json.loads((out / "report.json").read_text())
+    b = json.loads((run_dir / "report.json").read_text())
+    assert [s["name"] for s in a["stages"]] == [s["name"] for s in b["stages"]]
+    assert [s["return_mean"] for s in a["stages"]] == pytest.approx(
+        [s["return_mean"] for s in b["stages"]], rel=1e-4)
+    assert a["final"]["stage"] == b["final"]["stage"]
