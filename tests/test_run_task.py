@@ -15,9 +15,6 @@ import pytest
 
 from diffalign.cli import main
 
-pytest.importorskip("metaworld")
-pytest.importorskip("peft")
-
 TASK = "metaworld/button-press-v3/expert"
 RUN = ["run", TASK, "--preset", "quick", "--process", "ddim", "--no-progress"]
 STAGES = ["reference", "reference@4", "dpo", "sft", "rl", "cascade"]
@@ -26,6 +23,8 @@ STAGES = ["reference", "reference@4", "dpo", "sft", "rl", "cascade"]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """Four expert episodes of 20 steps where ``resolve_task(TASK)`` finds them."""
+    pytest.importorskip("metaworld")
+    pytest.importorskip("peft")
     d = tmp_path_factory.mktemp("data")
     assert main(["collect", "metaworld/button-press-v3", "--policy", "expert", "--episodes",
                  "4", "--max-episode-steps", "20", "--no-progress", "--out",
@@ -130,3 +129,45 @@ def test_run_killed_mid_run_resumes_to_the_same_result(run_dir, data_dir, tmp_pa
     assert [s["return_mean"] for s in a["stages"]] == pytest.approx(
         [s["return_mean"] for s in b["stages"]], rel=1e-4)
     assert a["final"]["stage"] == b["final"]["stage"]
+
+
+def test_run_task_is_the_pipeline_of_run_nav1d(tmp_path, capsys):
+    """`run nav1d/full` and `run nav1d` hand the pipeline the same options; the recipe's
+    overrides and bad input are checked before anything is written."""
+    import tyro
+
+    from diffalign.commands.run import RunArgs, RunNav1DArgs
+    from diffalign.recipes import NAV1D_PRESETS, SIM_PRESETS, recipe_for, with_overrides
+
+    out = tmp_path / "r"
+    a = RunNav1DArgs(out=out, preset="quick", layout_seed=3, methods="sft,rl")
+    b = tyro.cli(RunArgs, args=["nav1d/full", "--out", str(out), "--preset", "quick",
+                                "--layout-seed", "3", "--methods", "sft,rl"])
+    assert a.options("nav1d/full", NAV1D_PRESETS["quick"]) == \
+        b.options(b.task, recipe_for(b.task, b.preset))
+    assert recipe_for(TASK, "quick") is SIM_PRESETS["quick"]
+    assert recipe_for("/some/file.hdf5") is SIM_PRESETS["default"]
+    r = with_overrides(SIM_PRESETS["quick"], "foundation_steps=7,rl_kl=none,covered_rl=true")
+    assert (r.foundation_steps, r.rl_kl, r.covered_rl) == (7, None, True)
+    for argv, named in [(["--recipe", "bogus_steps=3"], "bogus_steps"),
+                        (["--recipe", "foundation_steps=x"], "foundation_steps"),
+                        (["--recipe", "foundation_steps=0"], "foundation_steps"),
+                        (["--methods", "rl,ppo2"], "ppo2")]:
+        assert main(["run", TASK, "--out", str(out), *argv]) == 2
+        assert named in capsys.readouterr().err
+    assert main(["run", "nav1d/bogus", "--out", str(out)]) == 2
+    assert "nav1d/bogus" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_task_metric_prefers_success_then_normalised_score():
+    from diffalign.pipeline.run import critic_warnings, stage_score, task_metric
+
+    assert task_metric({"success_rate": 0.5, "normalized": 70.0}) == "success_rate"
+    assert task_metric({"normalized": 70.0}) == "normalized"  # D4RL constants, no success
+    assert task_metric({"normalized": None, "return_mean": 3.0}) == "return_mean"
+    assert stage_score({"success_rate": 0.25}, "success_rate") == 25.0
+    ref = {"name": "reference", "score": 40.0, "candidates": 1}
+    best = {"name": "reference@4", "score": 20.0, "candidates": 4}
+    (w,) = critic_warnings(ref, best, "success_rate")
+    assert "20.0% success" in w["reason"] and "(40.0%)" in w["reason"]

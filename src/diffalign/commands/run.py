@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import tyro
 
@@ -130,7 +130,7 @@ def run_nav1d(args: RunNav1DArgs) -> dict:
 class RunArgs(_RunFlags):
     """Run the whole pipeline on a task and write a report of what alignment changed."""
 
-    task: tyro.conf.Positional[str]
+    task: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="TASK")]
     """nav1d/{partial,full,expert}; FAMILY/NAME/DATASET (metaworld/button-press-v3/expert,
     mujoco/hopper/medium: see `diffalign collect`); a D4RL/robomimic HDF5 file; or a local
     Minari dataset id."""
