@@ -66,6 +66,108 @@ def test_metaworld_noisy_policy(tmp_path):
     assert not np.allclose(eps.actions, clean.actions)
 
 
+def _expert_actions(task_name, observations):
+    """The clean scripted expert's actions on recorded states (the policy is a function of
+    the observation)."""
+    from metaworld.policies import ENV_POLICY_MAP
+
+    pol = ENV_POLICY_MAP[task_name]()
+    return np.clip([pol.get_action(np.asarray(o, np.float64)) for o in observations], -1, 1)
+
+
+def test_metaworld_mixed_cli_writes_mix_and_resolves(data_dir, capsys):
+    pytest.importorskip("metaworld")
+    from diffalign.tasks import resolve_task
+
+    assert main(["collect", "metaworld/button-press-v3/mixed", "--episodes", "6",
+                 "--max-episode-steps", "30", "--noise-levels", "0.1", "2.0",
+                 "--random-fraction", "0.34", "--json", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    path = data_dir / "metaworld" / "button-press-v3-mixed.hdf5"
+    assert summary["path"] == str(path) and path.is_file()
+    eps = read_d4rl_hdf5(path)
+    m = eps.meta
+    assert len(eps) == 6 and eps.num_steps == 6 * 30 and m["policy"] == "mixed"
+    mix = json.loads(m["mix"])
+    assert [(c["policy"], c["noise"], c["episodes"]) for c in mix] == [
+        ("noisy", 0.1, 2), ("noisy", 2.0, 2), ("random", None, 2)]
+    assert sum(c["fraction"] for c in mix) == pytest.approx(1.0)
+    assert json.loads(m["noise_levels"]) == [0.1, 2.0] and m["random_fraction"] == 0.34
+    success = json.loads(m["episode_success"])
+    assert m["success_rate"] == pytest.approx(np.mean(success))
+    assert summary["mix"] == mix and summary["success_rate"] == m["success_rate"]
+    for c in mix:
+        assert c["success_rate"] is not None and 0 <= c["success_rate"] <= 1
+    # the episodes really ran at their noise levels: distance from the clean expert's action
+    noise = json.loads(m["episode_noise"])
+    assert json.loads(m["episode_policy"]) == ["random" if x is None else "noisy"
+                                               for x in noise]
+    dev = {}
+    for i, x in enumerate(noise):
+        ep = eps.episode(i)
+        d = np.abs(ep["actions"] - _expert_actions("button-press-v3", ep["observations"]))
+        dev.setdefault(x, []).append(float(d.mean()))
+        assert np.abs(ep["actions"]).max() <= 1.0
+    assert sorted(dev, key=lambda x: -1 if x is None else x) == [None, 0.1, 2.0]
+    assert max(dev[0.1]) < 0.1 < 0.5 < min(dev[2.0])  # E|N(0, .1)| = .08 before clipping
+    assert min(dev[None]) > 0.3  # uniform actions ignore the expert
+    # found where the other collected MetaWorld datasets are
+    task = resolve_task("metaworld/button-press-v3/mixed")
+    assert len(task.episodes) == 6 and task.meta["policy"] == "mixed"
+    assert task.meta["sim_task"] == "metaworld/button-press-v3"
+    env = task.make_env()
+    assert env.max_episode_steps == 30
+    np.testing.assert_array_equal(env.reset(seed=3)[0], eps.episode(3)["observations"][0])
+    env.close()
+
+
+def test_mixed_default_mixes_and_episode_assignment():
+    from diffalign.data.collect import (
+        MIXED_NOISE_LEVELS,
+        MIXED_RANDOM_FRACTION,
+        _assign_components,
+        mixed_components,
+    )
+    from diffalign.envs.adapters import METAWORLD_TASKS
+
+    assert set(MIXED_RANDOM_FRACTION) == set(METAWORLD_TASKS)
+    for name in METAWORLD_TASKS:
+        comps = mixed_components(f"metaworld/{name}")
+        assert [c["noise"] for c in comps[:-1]] == list(MIXED_NOISE_LEVELS)
+        assert comps[-1] == {"policy": "random", "noise": None,
+                             "fraction": MIXED_RANDOM_FRACTION[name]}
+        assert sum(c["fraction"] for c in comps) == pytest.approx(1.0)
+    assert mixed_components("metaworld/drawer-open-v3", [0, 1], 0)[0]["policy"] == "expert"
+    assert len(mixed_components("metaworld/drawer-open-v3", [0, 1], 0)) == 2  # no random
+    fr = [c["fraction"] for c in mixed_components("metaworld/button-press-v3")]
+    a = _assign_components(fr, 40, seed=0)
+    assert np.bincount(a).tolist() == [5, 5, 4, 4, 4, 18]
+    np.testing.assert_array_equal(a, _assign_components(fr, 40, seed=0))
+    assert not np.array_equal(a, _assign_components(fr, 40, seed=1))
+    assert np.bincount(_assign_components(fr, 3, seed=0), minlength=6).tolist() == \
+        [1, 0, 0, 0, 0, 2]
+
+
+def test_ensure_dataset_collects_once(data_dir, monkeypatch):
+    pytest.importorskip("metaworld")
+    from diffalign.data import collect as col
+    from diffalign.tasks import resolve_task
+
+    assert col.ensure_dataset("nav1d/partial") is None  # nothing to collect
+    with pytest.raises(ValueError, match="'medium'"):
+        col.ensure_dataset("metaworld/button-press-v3/medium")
+    path = col.ensure_dataset("metaworld/drawer-open-v3/mixed", episodes=3, progress=False)
+    assert path == data_dir / "metaworld" / "drawer-open-v3-mixed.hdf5" and path.is_file()
+    task = resolve_task("metaworld/drawer-open-v3/mixed")
+    assert len(task.episodes) == 3 and task.meta["policy"] == "mixed"
+
+    def no_collecting(*a, **k):
+        raise AssertionError("collected again")
+
+    monkeypatch.setattr(col, "collect_dataset", no_collecting)
+    assert col.ensure_dataset("metaworld/drawer-open-v3/mixed") == path
+
+
 # ---------------------------------------------------------------------- MuJoCo
 def test_mujoco_random_cli_roundtrip(tmp_path):
     pytest.importorskip("mujoco")
@@ -185,6 +287,19 @@ def test_sac_stops_at_its_time_budget(tmp_path):
     (["collect", "mujoco/hopper", "--out", "x.txt"], "x.txt"),
     (["collect", "metaworld/button-press-v3", "--policy", "noisy", "--noise", "0",
       "--out", "x.hdf5"], "noise"),
+    (["collect", "metaworld/button-press-v3", "--policy", "mixed", "--noise-levels", "0.1",
+      "-1", "--out", "x.hdf5"], "got -1.0 in noise_levels=(0.1, -1.0)"),
+    (["collect", "metaworld/button-press-v3/mixed", "--noise-levels", "0.5", "abc",
+      "--out", "x.hdf5"], "'abc'"),
+    (["collect", "metaworld/button-press-v3/mixed", "--noise-levels", "0.5", "0.5",
+      "--out", "x.hdf5"], "noise_levels=(0.5, 0.5)"),
+    (["collect", "metaworld/button-press-v3/mixed", "--noise-levels", "nan",
+      "--out", "x.hdf5"], "nan"),
+    (["collect", "metaworld/button-press-v3/mixed", "--random-fraction", "1",
+      "--out", "x.hdf5"], "random_fraction=1.0"),
+    (["collect", "metaworld/button-press-v3", "--noise-levels", "0.1", "--out", "x.hdf5"],
+     "--noise-levels is for --policy mixed"),
+    (["collect", "mujoco/hopper/mixed", "--out", "x.hdf5"], "'mixed'"),
 ])
 def test_collect_bad_input_exits_2(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -30,8 +30,10 @@ class CollectArgs:
     antmaze/{umaze,medium,large}; or FAMILY/NAME/POLICY."""
     policy: str | None = None
     """expert (MetaWorld's scripted policy), noisy (expert + Gaussian noise of std --noise),
-    random (uniform actions), medium (MuJoCo: a SAC agent trained here to --target-return).
-    Default: the task's first (metaworld: expert, others: random)."""
+    mixed (MetaWorld: the expert at each of --noise-levels plus a --random-fraction of
+    random-action episodes; about 45% of its episodes succeed), random (uniform actions),
+    medium (MuJoCo: a SAC agent trained here to --target-return). Default: the task's first
+    (metaworld: expert, others: random)."""
     episodes: int = 100
     """Number of episodes."""
     out: Path | None = None
@@ -48,6 +50,12 @@ class CollectArgs:
     antmaze 700)."""
     noise: float = 0.1
     """Std of the Gaussian action noise of --policy noisy (actions lie in [-1, 1])."""
+    noise_levels: tuple[float, ...] | None = None
+    """mixed: the expert's noise stds, each given an equal share of the episodes that are not
+    random (0 is the clean expert). Default: 0.1 0.5 1.0 1.5 2.0."""
+    random_fraction: float | None = None
+    """mixed: fraction of uniform-random-action episodes, >= 0 and < 1. Default, per task:
+    button-press 0.45, drawer-open 0.30, sweep-into 0.45, plate-slide 0.35."""
     target_return: float | None = None
     """medium: train SAC until its return reaches this (default: a D4RL-normalised score of
     40: hopper 1282, halfcheetah 4686, walker2d 1838)."""
@@ -67,6 +75,7 @@ class CollectArgs:
     """Print the summary as one JSON object."""
 
     def __post_init__(self) -> None:
+        from diffalign.data.collect import collect_policies, mixed_components
         from diffalign.envs.adapters import SIM_TASKS, sim_spec
 
         parts = self.task.split("/")
@@ -79,12 +88,13 @@ class CollectArgs:
         spec = sim_spec(self.task)  # ValueError naming an unknown task
         if self.policy is None:
             self.policy = spec.policies[0]
-        if self.policy not in spec.policies:
+        policies = collect_policies(self.task)
+        if self.policy not in policies:
             hint = ""
-            if spec.family == "pusht" and self.policy in ("expert", "noisy"):
+            if spec.family == "pusht" and self.policy in ("expert", "noisy", "mixed"):
                 hint = " (there is no scripted PushT policy)"
             raise UserError(f"unknown policy {self.policy!r} for task {self.task!r}{hint}; "
-                             f"choose one of {', '.join(spec.policies)}")
+                             f"choose one of {', '.join(policies)}")
         n = self.episodes
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise UserError(f"episodes must be an integer >= 1, got episodes={n!r}")
@@ -103,6 +113,13 @@ class CollectArgs:
             raise UserError(f"noise must be >= 0, got noise={self.noise}")
         if self.policy == "noisy" and self.noise == 0:
             raise UserError("policy 'noisy' needs noise > 0, got noise=0.0")
+        if self.policy == "mixed":
+            mixed_components(self.task, self.noise_levels, self.random_fraction)  # UserError
+        else:
+            for flag in ("noise_levels", "random_fraction"):
+                if getattr(self, flag) is not None:
+                    raise UserError(f"--{flag.replace('_', '-')} is for --policy mixed, got "
+                                     f"policy={self.policy!r}")
         if self.format not in ("auto", "hdf5", "minari"):
             raise UserError(f"format must be auto, hdf5 or minari, got format={self.format!r}")
         if self.format == "minari":
@@ -147,7 +164,8 @@ def collect_main(args: CollectArgs) -> dict[str, Any]:
         eps = col.collect_episodes(args.task, args.policy, episodes=args.episodes,
                                    seed=args.seed, max_episode_steps=args.max_episode_steps,
                                    noise=args.noise, task_seed=args.task_seed,
-                                   progress=args.progress)
+                                   progress=args.progress, noise_levels=args.noise_levels,
+                                   random_fraction=args.random_fraction)
     if args.format == "minari":
         from diffalign.data.readers import write_minari
 
@@ -178,6 +196,8 @@ def collect_main(args: CollectArgs) -> dict[str, Any]:
         summary["success_rate"] = meta["success_rate"]
     if agent is not None:
         summary["agent"] = agent
+    if meta.get("mix") is not None:
+        summary["mix"] = meta["mix"]
     if args.json:
         print(_json.dumps(summary))
     else:
@@ -188,10 +208,15 @@ def collect_main(args: CollectArgs) -> dict[str, Any]:
         if "success_rate" in summary:
             line += f", success rate {summary['success_rate']:.2f}"
         print(line + f", {summary['collect_s']:.1f} s")
+        for c in summary.get("mix", []):
+            what = "random" if c["policy"] == "random" else f"noise {c['noise']:g}"
+            rate = "-" if c["success_rate"] is None else f"{c['success_rate']:.2f}"
+            print(f"  {what}: {c['episodes']} episodes, success rate {rate}")
     return summary
 
 
-#: Episodes and SAC budget of :func:`collect_task` (used by ``diffalign bench``).
+#: Episodes and SAC budget of :func:`collect_task` (the library's
+#: :data:`diffalign.data.collect.COLLECT_SIZES`).
 COLLECT_TASK_SIZES = {False: {"episodes": 100, "max_train_steps": 300_000},
                       True: {"episodes": 10, "max_train_steps": 10_000}}
 

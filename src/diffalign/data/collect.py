@@ -5,14 +5,23 @@ Behaviour policies:
 * ``random``: uniform actions over the action box (every task);
 * ``expert``: MetaWorld's scripted policy of the task (``metaworld.policies``);
 * ``noisy``: the same plus Gaussian action noise of std ``noise`` (clipped to the box);
+* ``mixed`` (MetaWorld): episodes of the scripted expert at several noise levels plus
+  random-action episodes, in fixed proportions (:data:`MIXED_NOISE_LEVELS`,
+  :data:`MIXED_RANDOM_FRACTION`) that put the data's own success rate near 45%, so that an
+  aligned policy has room to do better than its data;
 * ``medium``: a stable-baselines3 SAC agent trained here until its (stochastic) return
   reaches a target (default: a D4RL-normalised score of 40, about D4RL's medium level), or a
   step budget runs out; its weights are kept as safetensors + JSON and reused.
 
 Episode ``i`` is reset with seed ``seed + i``; policy noise comes from a generator seeded with
-``seed``, so a collection is reproducible. The result is an :class:`Episodes` whose ``meta``
+``seed``, so a collection is reproducible (which episodes of a ``mixed`` dataset get which
+policy is drawn from ``seed`` as well). The result is an :class:`Episodes` whose ``meta``
 holds ``task, env_id, env_kwargs, policy, seed, ref_min_score, ref_max_score,
 success_rate, return_mean, …`` (written as HDF5 attributes by ``write_d4rl_hdf5``).
+
+:func:`ensure_dataset` is what ``diffalign run TASK`` calls for a simulator dataset
+``FAMILY/NAME/POLICY``: the file where :func:`diffalign.tasks.resolve_task` finds it,
+collected there first when it is missing.
 """
 
 from __future__ import annotations
@@ -27,14 +36,22 @@ from typing import Any
 import numpy as np
 
 from ..envs.adapters import make_sim_env, sim_spec
+from ..errors import UserError
 from .episodes import Episodes
 
 __all__ = [
+    "COLLECT_SIZES",
     "DEFAULT_TARGET_SCORE",
+    "MIXED_NOISE_LEVELS",
+    "MIXED_RANDOM_FRACTION",
+    "collect_dataset",
     "collect_episodes",
+    "collect_policies",
     "default_target_return",
+    "ensure_dataset",
     "make_policy",
     "metaworld_expert_return",
+    "mixed_components",
     "train_sac",
 ]
 
@@ -55,6 +72,101 @@ METAWORLD_EXPERT_RETURN = {
     ("sweep-into-v3", 200, 0): 762.00,
     ("plate-slide-v3", 200, 0): 1609.32,
 }
+
+
+#: Noise levels (std of the Gaussian action noise added to the scripted expert's actions,
+#: which lie in [-1, 1]) of a ``mixed`` MetaWorld dataset; each gets an equal share of the
+#: episodes that are not random. Measured over 20 episodes per level (reset seeds 1000-1019,
+#: 200 steps), the expert's success rate at noise 0.1 / 0.5 / 1.0 / 1.5 / 2.0 is:
+#: button-press 1.00 / 1.00 / 1.00 / 0.75 / 0.35, drawer-open 1.00 / 1.00 / 0.75 / 0.30 /
+#: 0.10, sweep-into 0.85 / 0.80 / 0.80 / 0.85 / 0.80, plate-slide 1.00 / 0.95 / 0.90 /
+#: 0.60 / 0.10; uniform random actions never succeed.
+MIXED_NOISE_LEVELS = (0.1, 0.5, 1.0, 1.5, 2.0)
+
+#: Fraction of uniform-random-action episodes in the ``mixed`` dataset of each MetaWorld
+#: task, chosen with the rates above so that the data succeeds in about 45% of its episodes
+#: (expected: button-press 0.45, drawer-open 0.44, sweep-into 0.45, plate-slide 0.46).
+MIXED_RANDOM_FRACTION = {
+    "button-press-v3": 0.45,
+    "drawer-open-v3": 0.30,
+    "sweep-into-v3": 0.45,
+    "plate-slide-v3": 0.35,
+}
+
+#: Random fraction of a MetaWorld task missing from :data:`MIXED_RANDOM_FRACTION`.
+_MIXED_RANDOM_DEFAULT = 0.4
+
+#: Episodes (and SAC step budget, for ``medium``) of :func:`ensure_dataset` /
+#: :func:`collect_dataset`, full or ``quick``.
+COLLECT_SIZES = {False: {"episodes": 100, "max_train_steps": 300_000},
+                 True: {"episodes": 10, "max_train_steps": 10_000}}
+
+
+def collect_policies(task: str) -> tuple[str, ...]:
+    """The behaviour policies ``diffalign collect`` offers for ``task`` (``FAMILY/NAME``):
+    the adapter's, plus ``mixed`` on MetaWorld."""
+    spec = sim_spec(task)
+    extra = ("mixed",) if spec.family == "metaworld" else ()
+    return tuple(spec.policies) + extra
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(repr(v) for v in values) + ")"
+
+
+def mixed_components(task: str, noise_levels=None,
+                     random_fraction: float | None = None) -> list[dict[str, Any]]:
+    """The components of ``task``'s ``mixed`` dataset: one ``{"policy", "noise",
+    "fraction"}`` per noise level (``policy`` is ``expert`` at noise 0, ``noisy`` above),
+    sharing ``1 - random_fraction`` of the episodes equally, then ``{"policy": "random",
+    "fraction": random_fraction}`` when that is > 0. Defaults: :data:`MIXED_NOISE_LEVELS`
+    and the task's :data:`MIXED_RANDOM_FRACTION`. Bad values raise :class:`UserError` naming
+    them."""
+    spec = sim_spec(task)
+    if spec.family != "metaworld":
+        raise UserError(f"policy 'mixed' needs a MetaWorld task (a scripted expert), got "
+                        f"task {task!r}")
+    levels = MIXED_NOISE_LEVELS if noise_levels is None else noise_levels
+    try:
+        levels = tuple(float(x) for x in levels)
+    except (TypeError, ValueError):
+        raise UserError(f"noise_levels must be numbers >= 0, got "
+                        f"noise_levels={noise_levels!r}") from None
+    bad = [x for x in levels if not (np.isfinite(x) and x >= 0)]
+    if not levels or bad:
+        what = f"{bad[0]!r} in " if bad else ""
+        raise UserError(f"noise_levels must be one or more finite numbers >= 0, got "
+                        f"{what}noise_levels={_fmt(levels)}")
+    if len(set(levels)) != len(levels):
+        raise UserError(f"noise_levels must differ from each other, got "
+                        f"noise_levels={_fmt(levels)}")
+    if random_fraction is None:
+        random_fraction = MIXED_RANDOM_FRACTION.get(spec.name, _MIXED_RANDOM_DEFAULT)
+    rf = random_fraction
+    if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not 0 <= rf < 1:
+        raise UserError(f"random_fraction must be >= 0 and < 1, got "
+                        f"random_fraction={random_fraction!r}")
+    share = (1.0 - float(rf)) / len(levels)
+    comps: list[dict[str, Any]] = [
+        {"policy": "expert" if x == 0 else "noisy", "noise": x, "fraction": round(share, 6)}
+        for x in levels]
+    if rf > 0:
+        comps.append({"policy": "random", "noise": None, "fraction": float(rf)})
+    return comps
+
+
+def _assign_components(fractions, n: int, seed: int) -> np.ndarray:
+    """Component of each of ``n`` episodes: counts in proportion to ``fractions`` (largest
+    remainders; ties to the earlier component), in an order shuffled by ``seed``."""
+    f = np.asarray(fractions, np.float64)
+    exact = f / f.sum() * n
+    counts = np.floor(exact + 1e-9).astype(int)
+    order = sorted(range(len(f)), key=lambda k: (-(exact[k] - counts[k]), k))
+    for k in order[: n - int(counts.sum())]:
+        counts[k] += 1
+    assign = np.repeat(np.arange(len(f)), counts)
+    np.random.default_rng(np.random.SeedSequence([int(seed), 0x6D6978])).shuffle(assign)
+    return assign
 
 
 def default_target_return(task: str) -> float:
@@ -129,13 +241,16 @@ def make_policy(task: str, policy: str, env, noise: float = 0.1, model=None):
     """The behaviour policy ``policy`` of ``task``; ``ValueError`` naming it when the task
     has no such policy."""
     spec = sim_spec(task)
-    if policy not in spec.policies:
+    if policy not in collect_policies(task):
         hint = ""
         if spec.family == "pusht" and policy == "expert":
             hint = " (there is no scripted PushT policy; collect random data, or bring " \
                    "demonstrations as a Minari/HDF5 file)"
         raise ValueError(f"unknown policy {policy!r} for task {task!r}{hint}; choose one of "
-                         f"{', '.join(spec.policies)}")
+                         f"{', '.join(collect_policies(task))}")
+    if policy == "mixed":
+        raise ValueError("policy 'mixed' changes policy from episode to episode: collect it "
+                         "with collect_episodes(task, 'mixed')")
     if policy == "random":
         return RandomPolicy(env.action_space)
     if policy in ("expert", "noisy"):
@@ -178,19 +293,34 @@ def _run_episode(env, policy, seed: int, rng: np.random.Generator) -> dict[str, 
 def collect_episodes(task: str, policy: str = "random", episodes: int = 100, seed: int = 0,
                      max_episode_steps: int | None = None, noise: float = 0.1, model=None,
                      task_seed: int = 0, progress: bool = True,
-                     extra_meta: dict | None = None) -> Episodes:
-    """Run ``episodes`` episodes of ``policy`` in ``task`` and return them as Episodes."""
+                     extra_meta: dict | None = None, noise_levels=None,
+                     random_fraction: float | None = None) -> Episodes:
+    """Run ``episodes`` episodes of ``policy`` in ``task`` and return them as Episodes.
+
+    ``policy="mixed"`` (MetaWorld): the episodes are split between the components of
+    :func:`mixed_components` (``noise_levels``, ``random_fraction``) in proportion to their
+    fractions, in an order drawn from ``seed``; ``meta`` then also holds ``mix`` (each
+    component with its fraction, episodes and success rate), ``noise_levels``,
+    ``random_fraction`` and per episode ``episode_policy``, ``episode_noise`` (None for
+    random) and ``episode_success``."""
     spec = sim_spec(task)
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes must be an integer >= 1, got episodes={episodes!r}")
+    comps = mixed_components(task, noise_levels, random_fraction) if policy == "mixed" \
+        else None
     h = int(max_episode_steps or spec.max_episode_steps)
     env_kwargs: dict[str, Any] = {"max_episode_steps": h}
     if spec.family == "metaworld":
         env_kwargs["task_seed"] = int(task_seed)
     env = make_sim_env(task, **env_kwargs)
-    pol = make_policy(task, policy, env, noise=noise, model=model)
+    if comps is None:
+        pols = [make_policy(task, policy, env, noise=noise, model=model)]
+        assign = np.zeros(episodes, dtype=int)
+    else:
+        pols = [make_policy(task, c["policy"], env, noise=c["noise"] or 0.0) for c in comps]
+        assign = _assign_components([c["fraction"] for c in comps], episodes, seed)
     rng = np.random.default_rng(seed)
-    eps, succ = [], []
+    eps, succ, ep_succ = [], [], []
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -199,8 +329,9 @@ def collect_episodes(task: str, policy: str = "random", episodes: int = 100, see
     t0 = time.perf_counter()
     try:
         for i in range(episodes):
-            ep = _run_episode(env, pol, seed + i, rng)
+            ep = _run_episode(env, pols[assign[i]], seed + i, rng)
             flag = ep.pop("success")
+            ep_succ.append(flag)
             if flag is not None:
                 succ.append(bool(flag))
             eps.append(ep)
@@ -231,6 +362,18 @@ def collect_episodes(task: str, policy: str = "random", episodes: int = 100, see
     }
     if policy == "noisy":
         meta["noise"] = float(noise)
+    if comps is not None:
+        for k, c in enumerate(comps):
+            mine = [ep_succ[i] for i in range(episodes) if assign[i] == k]
+            c["episodes"] = len(mine)
+            known = [bool(x) for x in mine if x is not None]
+            c["success_rate"] = float(np.mean(known)) if known else None
+        meta["mix"] = comps
+        meta["noise_levels"] = [c["noise"] for c in comps if c["policy"] != "random"]
+        meta["random_fraction"] = sum(c["fraction"] for c in comps if c["policy"] == "random")
+        meta["episode_policy"] = [comps[k]["policy"] for k in assign]
+        meta["episode_noise"] = [comps[k]["noise"] for k in assign]
+        meta["episode_success"] = ep_succ
     if spec.family == "metaworld":
         meta["task_seed"] = int(task_seed)
     if succ:
@@ -460,3 +603,78 @@ def _collect_medium(task, out, episodes, seed, target_return, max_train_steps,
                            extra_meta=extra)
     return eps, info
 
+
+
+# ---------------------------------------------------------------------- datasets by name
+def _sim_dataset(task: str) -> tuple[str, str] | None:
+    """``FAMILY/NAME/POLICY`` -> (``FAMILY/NAME``, ``POLICY``); None for a task string that
+    names no collectable simulator dataset (``nav1d/*``, a file, a Minari id ``…-vN``)."""
+    from ..tasks import _MINARI_VERSION, _split_sim_task
+
+    sim = _split_sim_task(task)  # UserError/ValueError for malformed or unknown sim tasks
+    if sim is None or _MINARI_VERSION.search(sim[1]):
+        return None
+    return sim
+
+
+def collect_dataset(task: str, out: str | Path | None = None, quick: bool = False,
+                    episodes: int | None = None, seed: int = 0,
+                    max_train_steps: int | None = None, progress: bool = True) -> Path:
+    """Collect dataset ``FAMILY/NAME/POLICY`` (``metaworld/drawer-open-v3/mixed``) and write
+    it as HDF5 to ``out`` (default: :func:`diffalign.tasks.sim_dataset_path`, where
+    ``resolve_task`` finds it), replacing any file there; returns the path written.
+
+    ``episodes`` / ``max_train_steps`` default to :data:`COLLECT_SIZES` (``quick``: 10
+    episodes and a 10k-step SAC budget instead of 100 and 300k). Policies are
+    :func:`collect_policies`' with their defaults (``noisy``: noise 0.1; ``mixed``: the task's
+    default mix; ``medium``: SAC trained to a D4RL-normalised 40, which takes hours)."""
+    from ..tasks import sim_dataset_path
+    from .readers import write_d4rl_hdf5
+
+    sim = _sim_dataset(task)
+    if sim is None:
+        raise UserError(f"{task!r} names no simulator dataset to collect: expected "
+                        "FAMILY/NAME/POLICY, e.g. metaworld/button-press-v3/mixed")
+    name, policy = sim
+    if policy not in collect_policies(name):
+        raise UserError(f"cannot collect {task!r}: unknown policy {policy!r} for task "
+                        f"{name!r}; choose one of {', '.join(collect_policies(name))}")
+    size = COLLECT_SIZES[bool(quick)]
+    n = size["episodes"] if episodes is None else episodes
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"episodes must be an integer >= 1, got episodes={n!r}")
+    path = Path(out) if out is not None else sim_dataset_path(name, policy)
+    if policy == "medium":
+        eps, _ = collect_medium(name, path, episodes=n, seed=seed, progress=progress,
+                                max_train_steps=max_train_steps or size["max_train_steps"])
+    else:
+        eps = collect_episodes(name, policy, episodes=n, seed=seed, progress=progress)
+    return write_d4rl_hdf5(path, eps)
+
+
+def ensure_dataset(task: str, quick: bool = False, episodes: int | None = None,
+                   seed: int = 0, progress: bool = True) -> Path | None:
+    """The dataset of task string ``FAMILY/NAME/POLICY`` where ``resolve_task`` finds it,
+    collected first (:func:`collect_dataset`, same arguments) when it is missing.
+
+    Returns the file found or written (a local Minari dataset: its folder), or None when
+    ``task`` names no collectable simulator dataset (``nav1d/*``, a dataset file, a Minari id
+    ``…-vN``: ``resolve_task`` makes, reads or downloads those itself). An existing dataset
+    is used as it is, whatever ``quick``, ``episodes`` and ``seed`` say."""
+    from ..tasks import _minari_local, data_dir, sim_dataset_path
+
+    sim = _sim_dataset(task)
+    if sim is None:
+        return None
+    name, policy = sim
+    # the order in which tasks._resolve_sim_task looks
+    for f in (sim_dataset_path(name, policy), data_dir() / f"{name.split('/')[1]}-{policy}.hdf5"):
+        if f.is_file():
+            return f
+    if _minari_local(f"{task}-v0"):
+        import os
+
+        root = Path(os.environ.get("MINARI_DATASETS_PATH")
+                    or Path.home() / ".minari" / "datasets")
+        return root / f"{task}-v0"
+    return collect_dataset(task, quick=quick, episodes=episodes, seed=seed, progress=progress)
