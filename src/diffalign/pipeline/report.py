@@ -12,7 +12,7 @@ from ..atomic import atomic_path, write_json
 
 __all__ = ["METRIC_LABELS", "run_report_markdown", "write_run_report"]
 
-METRIC_LABELS = {"normalized": "normalised score", "success_rate": "success rate (%)",
+METRIC_LABELS = {"normalized": "normalised score (D4RL)", "success_rate": "success rate (%)",
                  "return_mean": "return"}
 
 
