@@ -55,9 +55,17 @@ def test_side_jobs_stop_the_worker_when_the_main_process_fails():
 
 
 def test_poll_gives_the_threads_back_only_when_the_worker_is_idle():
+    before = _threads()
+    torch.set_num_threads(2)
+    try:
+        _poll_gives_the_threads_back()
+    finally:  # later tests run on the suite's one thread again
+        torch.set_num_threads(before)
+
+
+def _poll_gives_the_threads_back():
     import time
 
-    torch.set_num_threads(2)
     with SideJobs(True) as jobs:
         jobs.submit(os.getpid).result()  # the worker is up
         assert _threads() == 1
