@@ -80,6 +80,7 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
             assert s["return_mean"] == by_name[ev["same_model_as"]]["return_mean"]
     # every stage was evaluated: no stage weights are left behind
     assert not list((out / "eval").glob("*/weights.safetensors"))
+    _readme_quickstart(out, tmp_path, report)
     capsys.readouterr()
     # a second run finds everything on disk and only rewrites the report
     assert main(args) == 0
@@ -112,6 +113,35 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     for r in rows:
         q_best, q_ref = float(r[4]), float(r[5])
         assert q_best >= q_ref - 1e-4
+
+
+def _readme_quickstart(out, tmp_path, report):
+    """The README's quickstart, as written, on this run (its `run nav1d` line is the run
+    above, with the quick preset): evaluate reproduces the final stage's own evaluation,
+    export writes the policy, and the Python script plays an episode with it."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    bash = re.search(r"```bash\n(.*?)```", section, re.S).group(1).strip().splitlines()
+    script = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert bash[0].startswith("diffalign run nav1d --out runs/nav1d")
+    for line in bash[1:]:
+        argv = line.replace("runs/nav1d", str(out)).split()
+        assert argv[0] == "diffalign" and main(argv[1:]) == 0, line
+    final = report["final"]["stage"]
+    again = json.loads((out / "eval-again" / final / "eval.json").read_text())
+    own = json.loads((out / "eval" / final / "eval.json").read_text())
+    assert again["returns"] == pytest.approx(own["returns"], rel=1e-4)
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    res = subprocess.run([sys.executable, "-c", script.replace("runs/nav1d", str(out))],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert re.fullmatch(r"return -?\d+\.\d\d\n", res.stdout)
 
 
 def _kill_last_stage_evaluation(out):
