@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import train_tiny_dp
 from diffalign.align.cascade import CascadeConfig, CascadeModel, build_refiner, train_cascade
 from diffalign.align.common import AlignSetup, condition_pool, freeze, validation_reward
 from diffalign.align.dpo import DPOConfig, DPOMethod, dataset_pairs
@@ -34,19 +35,8 @@ class TargetActionCritic(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def trained():
-    torch.manual_seed(0)
     task = resolve_task("nav1d/full", episodes=200)
-    model = build_model("dp", "ddpm", None, task.obs_dim, task.act_dim,
-                        process_kwargs={"default_steps": 10})
-    ds = model.make_dataset(task.episodes)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(250):
-        loss = model.loss(ds.sample(64, g), g)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = train_tiny_dp(task.episodes)
     states = condition_pool(task.episodes, model.spec.obs_history, 256, seed=0)
     val = condition_pool(task.episodes, model.spec.obs_history, 64, seed=1)
     # the same steps rewarded like the critic below: dataset pairs ranked by this return

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import train_tiny_dp
 from diffalign.align.final_stage import FinalStageConfig, choose_final
 from diffalign.align.lora import remove_lora
 from diffalign.align.pessimism import (
@@ -20,7 +21,6 @@ from diffalign.align.rl import RLConfig
 from diffalign.align.runner import AlignConfig, align
 from diffalign.align.sequence import SequenceConfig
 from diffalign.models.behavior import BehaviorConfig, BehaviorModel, train_behavior
-from diffalign.models.registry import build_model
 from diffalign.tasks import resolve_task
 
 pytest.importorskip("peft")
@@ -60,18 +60,7 @@ def _off_band(model, band, episodes, n=256):
 
 
 def _train_dp(episodes, steps=300):
-    torch.manual_seed(0)
-    model = build_model("dp", "ddpm", None, episodes.obs_dim, episodes.act_dim,
-                        process_kwargs={"default_steps": 10})
-    ds = model.make_dataset(episodes)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        loss = model.loss(ds.sample(64, g), g)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
+    return train_tiny_dp(episodes, steps=steps)
 
 
 @pytest.fixture(scope="module")

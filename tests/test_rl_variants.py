@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import train_tiny_dp
 from diffalign.align.common import (
     AlignSetup,
     condition_pool,
@@ -26,7 +27,6 @@ from diffalign.align.rl import (
 )
 from diffalign.align.sft import SFTConfig, SFTMethod
 from diffalign.eval.metrics import candidate_entropy
-from diffalign.models.registry import build_model
 from diffalign.tasks import resolve_task
 
 pytest.importorskip("peft")
@@ -46,19 +46,8 @@ class TargetActionCritic(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def trained():
-    torch.manual_seed(0)
     task = resolve_task("nav1d/full", episodes=200)
-    model = build_model("dp", "ddpm", None, task.obs_dim, task.act_dim,
-                        process_kwargs={"default_steps": 10})
-    ds = model.make_dataset(task.episodes)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(250):
-        loss = model.loss(ds.sample(64, g), g)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model = train_tiny_dp(task.episodes)
     states = condition_pool(task.episodes, model.spec.obs_history, 256, seed=0)
     val = condition_pool(task.episodes, model.spec.obs_history, 64, seed=1)
     return model, model.net.state_dict(), states, val, task.episodes
