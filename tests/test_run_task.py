@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +172,20 @@ def test_task_metric_prefers_success_then_normalised_score():
     best = {"name": "reference@4", "score": 20.0, "candidates": 4}
     (w,) = critic_warnings(ref, best, "success_rate")
     assert "20.0% success" in w["reason"] and "(40.0%)" in w["reason"]
+
+
+def test_run_collects_a_missing_simulator_dataset(tmp_path, monkeypatch):
+    """The data step of `run TASK` collects a simulator dataset that is not there yet, then
+    copies it into the run's own data folder."""
+    import h5py
+
+    from diffalign.data import collect
+    from diffalign.pipeline.data import write_run_data
+
+    monkeypatch.setenv("DIFFALIGN_DATA", str(tmp_path / "store"))
+    monkeypatch.setitem(collect.COLLECT_SIZES, False, {"episodes": 2, "max_train_steps": 1})
+    spec = write_run_data("metaworld/button-press-v3/mixed", tmp_path / "run")
+    stored = tmp_path / "store" / "metaworld" / "button-press-v3-mixed.hdf5"
+    assert stored.is_file() and Path(spec["file"]).is_file()
+    with h5py.File(spec["file"]) as f:
+        assert f["observations"].shape[0] > 0

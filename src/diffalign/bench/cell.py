@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..data.collect import COLLECT_SIZES
 from ..pipeline.run import stage_score
 from .grid import SUITE_METRIC, Cell, task_string
 
@@ -26,11 +27,6 @@ COLLECT_HOOK = ("diffalign.bench.cell", "collect_task")
 """Module and function :func:`ensure_dataset` calls to collect a missing simulator dataset:
 ``collect_task(task_string, quick=bool, out=None)``, which must leave the dataset where
 ``tasks.resolve_task(task_string)`` finds it (or at ``out``)."""
-
-COLLECT_SIZES = {False: {"episodes": 100, "max_train_steps": 300_000},
-                 True: {"episodes": 10, "max_train_steps": 10_000}}
-"""Episodes and SAC budget of :func:`collect_task` (``quick`` or not)."""
-
 
 class DatasetUnavailable(FileNotFoundError):
     """A suite's dataset is missing and cannot be collected here."""
@@ -61,22 +57,9 @@ def _collector():
 def collect_task(task: str, quick: bool = False, out: str | Path | None = None) -> Path:
     """Collect dataset ``FAMILY/NAME/POLICY`` into ``out`` (default: where ``resolve_task``
     finds it) with :data:`COLLECT_SIZES`, as ``diffalign collect`` does by default."""
-    from ..data import collect as col
-    from ..data.readers import write_d4rl_hdf5
-    from ..tasks import sim_dataset_path
+    from ..data.collect import collect_dataset
 
-    parts = task.split("/")
-    if len(parts) != 3:
-        raise ValueError(f"collect_task needs FAMILY/NAME/POLICY, got {task!r}")
-    sim, policy = "/".join(parts[:2]), parts[2]
-    size = COLLECT_SIZES[bool(quick)]
-    path = Path(out) if out is not None else sim_dataset_path(sim, policy)
-    if policy == "medium":
-        eps, _ = col.collect_medium(sim, path, episodes=size["episodes"],
-                                    max_train_steps=size["max_train_steps"], progress=False)
-    else:
-        eps = col.collect_episodes(sim, policy, episodes=size["episodes"], progress=False)
-    return write_d4rl_hdf5(path, eps)
+    return collect_dataset(task, quick=quick, out=out, progress=False)
 
 
 def ensure_dataset(suite: str, task: str, quick: bool = False) -> str:

@@ -215,21 +215,10 @@ def collect_main(args: CollectArgs) -> dict[str, Any]:
     return summary
 
 
-#: Episodes and SAC budget of :func:`collect_task` (the library's
-#: :data:`diffalign.data.collect.COLLECT_SIZES`).
-COLLECT_TASK_SIZES = {False: {"episodes": 100, "max_train_steps": 300_000},
-                      True: {"episodes": 10, "max_train_steps": 10_000}}
-
-
 def collect_task(task: str, quick: bool = False, out: Path | None = None) -> Path:
     """Collect dataset ``FAMILY/NAME/POLICY`` into ``out`` (default: where ``resolve_task``
     finds it); ``quick``: 10 episodes and a SAC budget of 10k steps instead of 100 and
     300k."""
-    parts = task.split("/")
-    if len(parts) != 3:
-        raise UserError(f"collect_task needs FAMILY/NAME/POLICY, got {task!r}")
-    size = COLLECT_TASK_SIZES[bool(quick)]
-    args = CollectArgs(task=task, episodes=size["episodes"],
-                       max_train_steps=size["max_train_steps"], out=out)
-    collect_main(args)
-    return Path(args.out)
+    from ..data.collect import collect_dataset
+
+    return collect_dataset(task, quick=quick, out=out)

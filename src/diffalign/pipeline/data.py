@@ -57,8 +57,10 @@ def write_run_data(task: str, out: str | Path, episodes: int = 1000, layout_seed
                                title=f"Nav1D {task.split('/', 1)[1]}: 50 of {len(ep)} "
                                      "episodes")
         return spec
+    from ..data.collect import ensure_dataset
     from ..data.readers import write_d4rl_hdf5
 
+    ensure_dataset(task)  # a simulator dataset that is not there yet is collected first
     t = resolve_task(task, download=download)
     meta = {k: v for k, v in t.episodes.meta.items() if k not in ("source", "format")}
     if t.meta.get("sim_task"):  # the adapter and its settings: the file names its env
