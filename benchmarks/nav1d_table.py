@@ -25,7 +25,18 @@ def row(run: Path) -> dict:
                        if n != "reference" and not n.startswith("reference@")},
             "final": final, "final_value": fin, "vs_ref": fin - ref,
             "vs_best_of": fin - best_of["normalized"],
-            "align_s": r.get("alignment_seconds"), "job_s": sum(r.get("timings", {}).values())}
+            "align_ratio": r.get("alignment_fraction_of_foundation"),
+            "job_s": _wall(run, r)}
+
+
+def _wall(run: Path, report: dict) -> float:
+    """The job's wall time: from ``DIR.time`` (``/usr/bin/time -f "%e s"``) when there, else
+    the sum of the report's step times (which leaves out start-up and the last evaluation)."""
+    timed = run.with_name(run.name + ".time")
+    if timed.is_file():
+        return float(timed.read_text().split()[0])
+    return sum(v for k, v in report.get("timings", {}).items()
+               if k in ("data", "alignment", "foundation_train_s"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         stage_names += [n for n in r["stages"] if n not in stage_names]
     head = (["model", "dataset", "layout", "coverage", "reference", "best of 64"] + stage_names
-            + ["final stage", "final", "final − ref", "final − best of 64"])
+            + ["final stage", "final", "final − ref", "final − best of 64",
+               "alignment / foundation", "job"])
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
@@ -46,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
                  f"{r['ref']:.1f}", f"{r['best_of']:.1f}"]
         cells += [f"{r['stages'][n]:.1f}" if n in r["stages"] else "" for n in stage_names]
         cells += [r["final"], f"**{r['final_value']:.1f}**", f"{r['vs_ref']:+.1f}",
-                  f"{r['vs_best_of']:+.1f}"]
+                  f"{r['vs_best_of']:+.1f}",
+                  "" if r["align_ratio"] is None else f"{r['align_ratio']:.2f}×",
+                  f"{int(r['job_s'] // 60)} min {int(r['job_s'] % 60):02d} s"]
         print("| " + " | ".join(cells) + " |")
 
 
