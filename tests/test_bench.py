@@ -256,3 +256,22 @@ def test_sizes_are_recipe_overrides():
         parse_sizes("rl_kl=-1")
     with pytest.raises(ValueError, match="candidates"):
         BenchSizes(NAV1D_PRESETS["quick"], candidates=0)
+
+
+def test_sizes_set_the_rl_and_sft_variants():
+    # run nav1d's --rl-*/--sft-likelihood flags are recipe fields: --sizes reaches them
+    from diffalign.bench.grid import parse_sizes
+    from diffalign.errors import UserError
+
+    r = parse_sizes("rl_algo=reinforce,rl_credit=x0_similarity,rl_entropy_coef=0.02,"
+                    "sft_likelihood=current").recipe
+    cfg = r.align_config(True, ("sft", "rl"), 0)
+    assert (cfg.rl.algo, cfg.rl.credit, cfg.rl.entropy_coef) == ("reinforce", "x0_similarity",
+                                                                 0.02)
+    assert cfg.rl.group_size == r.rl_pg_group and cfg.sft.likelihood_source == "current"
+    rl = parse_sizes("rl_grad_k_max=4", suite="mujoco").recipe.align_config(False, ("rl",), 0).rl
+    assert (rl.random_k, rl.grad_k_min, rl.grad_last_k) == (True, 1, 4)
+    for bad, named in (("rl_algo=nope", "rl_algo='nope'"), ("rl_credit=x", "rl_credit='x'"),
+                       ("rl_algo=ppo,rl_grad_k=2", "rl_grad_k=2")):
+        with pytest.raises(UserError, match=named):
+            parse_sizes(bad)

@@ -259,3 +259,79 @@ def test_run_nav1d_critic_sizes_from_preset_or_arguments(tmp_path, capsys):
     assert main(["run", "nav1d", "--critic-ensemble", "0", "--out", str(tmp_path / "x")]) == 2
     assert "critic_ensemble=0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# RL/SFT settings the default nav1d recipe gave align before the --rl-*/--sft-likelihood
+# flags existed (recorded from NAV1D_PRESETS["default"].align_config): they must not move
+_RL_BEFORE = {
+    "full": dict(max_updates=50, eval_every=10, algo="qvpg", states_per_iter=256,
+                 group_size=1, ppo_epochs=2, clip=0.2, kl_coef=0.0, lr=1e-3, credit="none",
+                 credit_gamma=0.9, grad_last_k=3, random_k=False, grad_k_min=1,
+                 qvpg_scale="none", entropy_coef=0.0, max_grad_norm=1.0),
+    "expert": dict(max_updates=50, eval_every=10, algo="qvpg", states_per_iter=32,
+                   group_size=8, ppo_epochs=2, clip=0.2, kl_coef=0.005, lr=1e-3,
+                   credit="none", credit_gamma=0.9, grad_last_k=3, random_k=False,
+                   grad_k_min=1, qvpg_scale="none", entropy_coef=0.0, max_grad_norm=1.0)}
+_SFT_BEFORE = {
+    "full": dict(max_updates=20, eval_every=None, states_per_round=128, candidates=1,
+                 source="current", selection="topk", top_k=1, quantile=0.9,
+                 likelihood_quantile=0.0, likelihood_source="data", likelihood_windows=2048,
+                 likelihood_samples=4, loss="min_snr", action_proposals=201, replay=4096,
+                 min_snr_gamma=1.0, plan_weight=0.1, epochs=64, batch_size=64, lr=4e-3,
+                 lr_final=1.0, max_grad_norm=1.0),
+    "expert": dict(max_updates=20, eval_every=None, states_per_round=64, candidates=16,
+                   source="current", selection="topk", top_k=1, quantile=0.9,
+                   likelihood_quantile=0.1, likelihood_source="data", likelihood_windows=2048,
+                   likelihood_samples=4, loss="min_snr", action_proposals=0, replay=0,
+                   min_snr_gamma=1.0, plan_weight=0.1, epochs=4, batch_size=64, lr=3e-4,
+                   lr_final=1.0, max_grad_norm=1.0)}
+
+
+def test_default_nav1d_align_config_rl_sft_unchanged(tmp_path):
+    from dataclasses import asdict
+
+    from diffalign.commands.run import RunNav1DArgs
+
+    for recipe in (NAV1D_PRESETS["default"], RunNav1DArgs(out=tmp_path / "x").recipe()):
+        for data, covered in (("full", True), ("expert", False)):
+            cfg = recipe.align_config(covered, ("dpo", "sft", "rl"), 0)
+            assert asdict(cfg.rl) == _RL_BEFORE[data], data
+            assert asdict(cfg.sft) == _SFT_BEFORE[data], data
+
+
+def test_run_nav1d_rl_flags_reach_align_config(tmp_path, monkeypatch):
+    import diffalign.pipeline as pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda opts: seen.update(opts=opts))
+    assert main(["run", "nav1d", "--rl-algo", "ppo", "--rl-credit", "decreasing",
+                 "--rl-entropy-coef", "0.01", "--sft-likelihood", "current", "--out",
+                 str(tmp_path / "x"), "--no-progress"]) == 0
+    opts = seen["opts"]
+    for data, covered in (("full", True), ("expert", False)):  # as the pipeline builds it
+        cfg = opts.recipe.align_config(covered, opts.methods, opts.seed)
+        assert (cfg.rl.algo, cfg.rl.credit, cfg.rl.entropy_coef) == ("ppo", "decreasing", 0.01)
+        assert cfg.sft.likelihood_source == "current"
+        # PPO's group baseline: covered data's one sample per state becomes rl_pg_group
+        assert cfg.rl.group_size == (8 if covered else _RL_BEFORE[data]["group_size"])
+        assert cfg.rl.states_per_iter == _RL_BEFORE[data]["states_per_iter"]
+    # QV-PG's truncation: a fixed K, or a range like align's --rl-grad-k-max
+    assert main(["run", "nav1d", "--rl-grad-k", "2", "--out", str(tmp_path / "y")]) == 0
+    rl = seen["opts"].recipe.align_config(True, ("rl",), 0).rl
+    assert (rl.algo, rl.random_k, rl.grad_last_k, rl.group_size) == ("qvpg", False, 2, 1)
+    assert main(["run", "nav1d", "--rl-grad-k", "2", "--rl-grad-k-max", "5", "--out",
+                 str(tmp_path / "y")]) == 0
+    rl = seen["opts"].recipe.align_config(True, ("rl",), 0).rl
+    assert (rl.random_k, rl.grad_k_min, rl.grad_last_k) == (True, 2, 5)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--rl-algo", "nope"], "nope"),
+    (["--rl-algo", "ppo", "--rl-grad-k", "2"], "rl_grad_k=2"),
+    (["--rl-grad-k", "3", "--rl-grad-k-max", "2"], "rl_grad_k_max=2"),
+    (["--rl-entropy-coef", "-1"], "rl_entropy_coef=-1"),
+    (["--sft-likelihood", "nope2"], "nope2")])
+def test_run_nav1d_bad_rl_flag_exits_2_naming_it(tmp_path, capsys, flags, named):
+    assert main(["run", "nav1d", *flags, "--out", str(tmp_path / "x")]) == 2
+    assert named in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "x").exists()

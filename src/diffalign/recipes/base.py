@@ -65,6 +65,25 @@ class Recipe:
     """RL: weight of the KL to the reference."""
     rl_group_scale: bool = False
     """RL: divide QV-PG's reward by its spread over each condition's group."""
+    rl_algo: str = "qvpg"
+    """RL: "qvpg" (reward gradient through the last K steps), "ppo" or "reinforce"
+    (``RLConfig.algo``)."""
+    rl_grad_k: int | None = None
+    """RL (QV-PG): backpropagate through the last K steps; with ``rl_grad_k_max`` the lower end
+    of K's range (default 1 there; None: ``RLConfig.grad_last_k``, 3)."""
+    rl_grad_k_max: int | None = None
+    """RL (QV-PG): draw K uniformly from [``rl_grad_k``, this] for each update (None: K fixed)."""
+    rl_credit: str = "none"
+    """RL: credit of each denoising step, none, decreasing or x0_similarity
+    (``RLConfig.credit``)."""
+    rl_entropy_coef: float = 0.0
+    """RL: weight of the nearest-neighbour entropy bonus over each state's samples (0: off)."""
+    rl_pg_group: int = 8
+    """RL: samples per state where PPO/REINFORCE or the entropy bonus meet a group below 2
+    (covered data's QV-PG samples 1; an explicit ``rl_group`` is kept as given)."""
+    sft_likelihood: str = "data"
+    """SFT: the OOD guard's quantile of the reference's likelihood of the dataset's windows
+    ("data") or of the round's candidates ("current") (``SFTConfig.likelihood_source``)."""
     dpo_states: int | None = None
     """DPO: conditions per update."""
     dpo_candidates: int | None = None
@@ -165,6 +184,24 @@ class Recipe:
         if not 0 <= self.covered_rollout_conditions <= 1:
             raise ValueError(f"recipe covered_rollout_conditions must be in [0, 1], got "
                              f"{self.covered_rollout_conditions}")
+        for name, choices in (("rl_algo", ("qvpg", "ppo", "reinforce")),
+                              ("rl_credit", ("none", "decreasing", "x0_similarity")),
+                              ("sft_likelihood", ("data", "current"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"recipe {name} must be one of {', '.join(choices)}, got "
+                                 f"{name}={getattr(self, name)!r}")
+        for name in ("rl_grad_k", "rl_grad_k_max"):
+            k = getattr(self, name)
+            if k is not None and self.rl_algo != "qvpg":
+                raise ValueError(f"recipe {name}={k} truncates QV-PG's gradient; rl_algo="
+                                 f"{self.rl_algo!r} takes every step")
+        if (self.rl_grad_k is not None and self.rl_grad_k_max is not None
+                and self.rl_grad_k_max < self.rl_grad_k):
+            raise ValueError(f"recipe needs rl_grad_k <= rl_grad_k_max, got rl_grad_k="
+                             f"{self.rl_grad_k}, rl_grad_k_max={self.rl_grad_k_max}")
+        if self.rl_pg_group < 2:
+            raise ValueError(f"recipe rl_pg_group must be >= 2, got rl_pg_group="
+                             f"{self.rl_pg_group}")
 
     # ---------------------------------------------------------------- library configs
     def foundation_config(self, model: str, process: str, seed: int, device: str):
@@ -263,9 +300,16 @@ class Recipe:
                                           ppo_epochs=self.rl_ppo_epochs, kl_coef=self.rl_kl))
         if self.rl_group_scale:
             cfg.rl = replace(cfg.rl, qvpg_scale="group")
+        rl = dict(algo=self.rl_algo, credit=self.rl_credit, entropy_coef=self.rl_entropy_coef,
+                  **self._grad_k())
+        if ((self.rl_algo != "qvpg" or self.rl_entropy_coef > 0) and cfg.rl.group_size < 2
+                and self.rl_group is None):  # a group baseline or entropy needs a group
+            rl["group_size"] = self.rl_pg_group
+        cfg.rl = replace(cfg.rl, **rl)
         cfg.dpo = replace(cfg.dpo, **_given(states_per_iter=self.dpo_states,
                                             candidates=self.dpo_candidates,
                                             updates_per_batch=self.dpo_updates_per_batch))
+        cfg.sft = replace(cfg.sft, likelihood_source=self.sft_likelihood)
         cfg.sft = replace(cfg.sft, **_given(states_per_round=self.sft_states,
                                             candidates=self.sft_candidates,
                                             epochs=self.sft_epochs))
@@ -277,12 +321,20 @@ class Recipe:
             cfg.cascade = None
         return cfg
 
+    def _grad_k(self) -> dict[str, Any]:
+        """The ``RLConfig`` truncation fields of ``rl_grad_k``/``rl_grad_k_max`` (as ``align``
+        maps ``--rl-grad-k``/``--rl-grad-k-max``)."""
+        if self.rl_grad_k_max is not None:
+            return dict(random_k=True, grad_last_k=self.rl_grad_k_max,
+                        grad_k_min=1 if self.rl_grad_k is None else self.rl_grad_k)
+        return _given(grad_last_k=self.rl_grad_k)
+
 
 _MAY_BE_ZERO = {"ref_candidates", "cond_fourier", "covered_backup_actions",
                 "covered_backup_refine", "covered_rollout_conditions", "covered_rl_kl",
-                "rl_kl", "critic_expectile"}
-_REALS = {"rl_kl", "covered_rl_kl", "covered_sft_lr", "covered_rl_lr", "critic_expectile",
-          "covered_at", "covered_rollout_conditions"}
+                "rl_kl", "critic_expectile", "rl_entropy_coef"}
+_REALS = {"rl_kl", "rl_entropy_coef", "covered_rl_kl", "covered_sft_lr", "covered_rl_lr",
+          "critic_expectile", "covered_at", "covered_rollout_conditions"}
 
 
 def _given(**kw: Any) -> dict[str, Any]:
