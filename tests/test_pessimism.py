@@ -184,3 +184,19 @@ def test_final_stage_is_the_reliably_best_stage():
     name, reason, table = choose_final(ref, {"sft": sft, "rl": rl})
     assert name == "rl" and table["rl"]["gain"] == pytest.approx(0.5, abs=0.05)
     assert "held-out gain" in reason
+
+
+def test_final_stage_needs_more_evidence_where_the_data_covers_less():
+    from diffalign.align.final_stage import choose_from_table
+
+    g = torch.Generator().manual_seed(2)
+    ref = torch.randn(512, generator=g)
+    rl = ref + 0.02 + 0.1 * torch.randn(512, generator=g)  # about 4.5 standard errors
+    assert choose_final(ref, {"rl": rl}, weight=0.0)[0] == "rl"
+    assert choose_final(ref, {"rl": rl}, weight=0.5)[0] == "rl"  # needs 4
+    assert choose_final(ref, {"rl": rl}, weight=0.7)[0] == "reference"  # needs 6.7
+    name, reason, table = choose_final(ref, {"rl": ref + 1.0}, weight=1.0)
+    assert name == "reference" and "one action per state" in reason
+    # a finished run's recorded table gives the same answer
+    assert choose_from_table(table, 2.0, 0.0)[0] == "rl"
+    assert choose_from_table(table, 2.0, 1.0)[0] == "reference"

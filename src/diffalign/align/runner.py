@@ -26,7 +26,7 @@ from .cascade import CascadeConfig, CascadeModel, build_refiner, train_cascade
 from .common import AlignSetup, condition_pool, freeze, validation_reward
 from .conditions import RolloutConditions, mix_rollout_states
 from .dpo import DPOConfig
-from .final_stage import FinalStageConfig, choose_final, heldout_rewards
+from .final_stage import FinalStageConfig, choose_final, choose_from_table, heldout_rewards
 from .lora import add_lora, load_adapter, merged_copy, save_adapter
 from .online import OnlineConfig, OnlineTuner
 from .pessimism import PessimismConfig, pessimistic_critic
@@ -197,7 +197,8 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
         result.cascade = CascadeModel(model, net, refiner)
         stage_heldout["cascade"] = heldout_rewards(setup, heldout, model=result.cascade.merged(),
                                                    seed=cfg.final.seed)
-    name, reason, table = choose_final(ref_heldout, stage_heldout, cfg.final.z)
+    name, reason, table = choose_final(ref_heldout, stage_heldout, cfg.final.z,
+                                       weight=pess_info.get("weight", 0.0))
     result.final = {"stage": name, "reason": reason, "heldout": table}
     if out_dir is not None:
         out = Path(out_dir)
@@ -345,5 +346,9 @@ def reuse_alignment(model, align_dir: str | Path, cascade: bool = True):
     if cascade and (align_dir / "cascade" / "refiner.safetensors").exists():
         casc = load_cascade(model, align_dir)
     walls = [(s["name"], float(s["wall_s"])) for s in info["stages"]]
-    return (info["events"], walls, casc, float(info.get("cascade_wall_s", 0.0)),
-            info.get("final", {}))
+    final = dict(info.get("final") or {})
+    if final.get("heldout"):  # the rule of this version, on the run's recorded gains
+        z = float(((info.get("config") or {}).get("final") or {}).get("z", 2.0))
+        weight = float((info.get("pessimism") or {}).get("weight", 0.0))
+        final["stage"], final["reason"] = choose_from_table(final["heldout"], z, weight)
+    return (info["events"], walls, casc, float(info.get("cascade_wall_s", 0.0)), final)
