@@ -122,7 +122,8 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
     pess_info: dict = {}
     if cfg.pessimism is not None:
         if behavior is None:
-            behavior = _behavior(episodes, cfg.pessimism, out_dir, progress, model.device)
+            behavior = _load_or_train("behavior", episodes, cfg.pessimism.behavior, out_dir,
+                                      progress, model.device)
         critic, pess_info = pessimistic_critic(critic, episodes, cfg.pessimism,
                                                behavior=behavior, seed=cfg.seed)
     states = condition_pool(episodes, model.spec.obs_history, cfg.conditions, seed=cfg.seed)
@@ -131,7 +132,8 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
     conditions_info: dict = {}
     if cfg.rollouts is not None:
         if dynamics is None:
-            dynamics = _dynamics(episodes, cfg.rollouts, out_dir, progress, model.device)
+            dynamics = _load_or_train("dynamics", episodes, cfg.rollouts.dynamics, out_dir,
+                                      progress, model.device)
         hist = model.spec.obs_history
         states, conditions_info = mix_rollout_states(states, critic, dynamics, episodes, hist,
                                                      cfg.rollouts, seed=cfg.seed)
@@ -164,8 +166,9 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
 
     progress_dir = None if out_dir is None or online is not None else Path(out_dir) / "progress"
     fingerprint = _fingerprint(cfg, model)
-    resume = None if progress_dir is None else _load_boundary(progress_dir, net, fingerprint)
-    if resume is not None:  # the finished stages again, for their callbacks, in order
+    resume = None if progress_dir is None else _load_boundary(progress_dir, fingerprint)
+    if resume is not None:  # the finished stages again, for their callbacks, in order; the
+        # adapter ends as the last one's
         for st in resume["stages"]:
             stage_heldout[st["name"]] = torch.tensor(resume["heldout"][st["name"]])
             if on_stage_end is not None:
@@ -175,7 +178,7 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
 
     def save_boundary(state: dict) -> None:
         state["heldout"] = {k: v.tolist() for k, v in stage_heldout.items()}
-        _save_boundary(progress_dir, net, state, fingerprint)
+        _save_boundary(progress_dir, state, fingerprint)
 
     stages, events, _ = run_sequence(setup, net, cfg.sequence,
                                      {"rl": cfg.rl, "dpo": cfg.dpo, "sft": cfg.sft},
@@ -229,16 +232,19 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
     return result
 
 
-def _dynamics(episodes, cfg: RolloutConditions, out_dir, progress: bool, device):
-    """The dynamics model of ``out_dir/dynamics`` if it is there, else trained on ``device``
-    (and saved there)."""
+def _load_or_train(name: str, episodes, train_cfg, out_dir, progress: bool, device):
+    """The dynamics model or behaviour band (``name``) of ``out_dir/<name>`` if it is there,
+    else trained with ``train_cfg`` on ``device`` (and saved there)."""
+    from ..models.behavior import BehaviorModel, train_behavior
     from ..models.dynamics import DynamicsModel, train_dynamics
 
-    where = None if out_dir is None else Path(out_dir) / "dynamics"
+    cls, train = {"dynamics": (DynamicsModel, train_dynamics),
+                  "behavior": (BehaviorModel, train_behavior)}[name]
+    where = None if out_dir is None else Path(out_dir) / name
     if where is not None and (where / "config.json").exists():
-        return DynamicsModel.load(where, device=device)
-    return train_dynamics(episodes, replace(cfg.dynamics, device=str(device)), out_dir=where,
-                          progress=progress)
+        return cls.load(where, device=device)
+    return train(episodes, replace(train_cfg, device=str(device)), out_dir=where,
+                 progress=progress)
 
 
 def _fingerprint(cfg: AlignConfig, model) -> str:
@@ -250,20 +256,17 @@ def _fingerprint(cfg: AlignConfig, model) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _save_boundary(where: Path, net, state: dict, fingerprint: str) -> None:
-    """Write a stage boundary's state: tensors first, then ``state.json``, which marks it."""
-    from .lora import lora_parameters
-
-    names = [n for n, p in net.named_parameters() if "lora_" in n and p.requires_grad]
-    tensors = {f"lora/{n}": p.detach() for n, p in zip(names, lora_parameters(net))}
-    tensors["rng/generator"] = state.pop("generator")
-    tensors["rng/torch"] = state.pop("torch_rng")
+def _save_boundary(where: Path, state: dict, fingerprint: str) -> None:
+    """Write a stage boundary's state: RNG tensors first, then ``state.json``, which marks
+    it. The adapter is not repeated here: it is the last stage's ``stages/<name>/adapter``,
+    saved before this."""
+    tensors = {"rng/generator": state.pop("generator"), "rng/torch": state.pop("torch_rng")}
     save_tensors(where / "state.safetensors", tensors)
     write_json(where / "state.json", {**state, "fingerprint": fingerprint})
 
 
-def _load_boundary(where: Path, net, fingerprint: str) -> dict | None:
-    """The last stage boundary saved in ``where`` (adapter set into ``net``), or None."""
+def _load_boundary(where: Path, fingerprint: str) -> dict | None:
+    """The last stage boundary saved in ``where``, or None."""
     from ..errors import UserError
 
     if not (where / "state.json").exists():
@@ -274,10 +277,6 @@ def _load_boundary(where: Path, net, fingerprint: str) -> dict | None:
                         f"it cannot be resumed; use a new output directory or delete "
                         f"{where.parent}")
     tensors = load_tensors(where / "state.safetensors")
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            if "lora_" in n and p.requires_grad:
-                p.copy_(tensors[f"lora/{n}"])
     state["generator"], state["torch_rng"] = tensors["rng/generator"], tensors["rng/torch"]
     return state
 
@@ -289,18 +288,6 @@ def _set_adapter(net, directory: Path) -> None:
     from .lora import ADAPTER_WEIGHTS
 
     set_peft_model_state_dict(net, load_tensors(directory / ADAPTER_WEIGHTS))
-
-
-def _behavior(episodes, cfg: PessimismConfig, out_dir, progress: bool, device):
-    """The behaviour band of ``out_dir/behavior`` if it is there, else trained on ``device``
-    (and saved there)."""
-    from ..models.behavior import BehaviorModel, train_behavior
-
-    where = None if out_dir is None else Path(out_dir) / "behavior"
-    if where is not None and (where / "config.json").exists():
-        return BehaviorModel.load(where, device=device)
-    return train_behavior(episodes, replace(cfg.behavior, device=str(device)), out_dir=where,
-                          progress=progress)
 
 
 def _merged_copy(model, net):

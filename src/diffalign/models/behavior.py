@@ -25,13 +25,11 @@ from ..data.episodes import Episodes
 from ..data.normalizer import NormalizerSet
 from ..train.checkpoint import load_model_files, save_model
 from .critic import (
-    DeviceData,
     as_tensor,
     build_from_files,
     featured_mlp,
     make_field_normalizers,
     module_device,
-    sample_batch,
     transitions_from_episodes,
 )
 
@@ -150,7 +148,7 @@ def train_behavior(episodes: Episodes, cfg: BehaviorConfig | None = None,
                    out_dir: str | Path | None = None, progress: bool = True) -> BehaviorModel:
     """Fit a :class:`BehaviorModel` on every transition of ``episodes`` (saved to ``out_dir``
     when given). Returns it in eval mode."""
-    from ..train.trainer import TrainConfig, fit
+    from .dynamics import fit_on_transitions
 
     cfg = cfg if cfg is not None else BehaviorConfig()
     data = transitions_from_episodes(episodes)
@@ -160,17 +158,7 @@ def train_behavior(episodes: Episodes, cfg: BehaviorConfig | None = None,
     model = BehaviorModel(episodes.obs_dim, episodes.act_dim, cfg, norms)
     a = torch.as_tensor(norms.normalize("actions", data["actions"]), dtype=torch.float32)
     model.extent.copy_((a.max(0).values - a.min(0).values).clamp(min=1e-6))
-    tensors = DeviceData(data)
-
-    def loss_fn(m: nn.Module, batch_size: int, gen: torch.Generator) -> dict[str, Tensor]:
-        return m.loss(sample_batch(tensors.on(module_device(m)), batch_size, gen))
-
-    train = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=0,
-                        schedule="cosine", grad_clip=10.0, ema_decay=0.0, seed=cfg.seed,
-                        device=cfg.device, bf16=False, ckpt_every=0, progress=progress)
-    result = fit(model, loss_fn, train, out_dir=None if out_dir is None else Path(out_dir),
-                 save_fn=lambda d, m: m.save(d), log_prefix="behavior")
-    return result.model.eval()
+    return fit_on_transitions(model, data, cfg, out_dir, progress, "behavior")
 
 
 def _pinball(diff: Tensor, tau: float) -> Tensor:

@@ -34,7 +34,7 @@ from .critic import (
 )
 
 __all__ = ["DYNAMICS_KIND", "DynamicsConfig", "DynamicsModel", "dynamics_transitions",
-           "train_dynamics"]
+           "fit_on_transitions", "train_dynamics"]
 
 DYNAMICS_KIND = "dynamics_model"
 
@@ -140,8 +140,6 @@ def train_dynamics(episodes: Episodes, cfg: DynamicsConfig | None = None,
     """Fit a :class:`DynamicsModel` on the transitions of ``episodes`` (saved to ``out_dir``
     when given, at the end: a killed run trains it again, which takes seconds). Returns it
     in eval mode."""
-    from ..train.trainer import TrainConfig, fit
-
     cfg = cfg if cfg is not None else DynamicsConfig()
     data = dynamics_transitions(episodes)
     norms = NormalizerSet.fit_arrays({
@@ -149,6 +147,16 @@ def train_dynamics(episodes: Episodes, cfg: DynamicsConfig | None = None,
         "deltas": data["next_observations"] - data["observations"]}, kind="gaussian")
     torch.manual_seed(cfg.seed)
     model = DynamicsModel(episodes.obs_dim, episodes.act_dim, cfg, norms)
+    return fit_on_transitions(model, data, cfg, out_dir, progress, "dynamics")
+
+
+def fit_on_transitions(model: nn.Module, data: dict[str, np.ndarray], cfg: Any,
+                       out_dir: str | Path | None, progress: bool, log_prefix: str) -> nn.Module:
+    """Train a small model whose ``loss(batch)`` takes a batch of ``data``'s transitions, for
+    ``cfg.steps`` AdamW steps at ``cfg.lr`` along a cosine (``cfg``: steps, batch_size, lr,
+    seed, device); saved to ``out_dir`` at the end when given. Returns it in eval mode."""
+    from ..train.trainer import TrainConfig, fit
+
     tensors = DeviceData(data)
 
     def loss_fn(m: nn.Module, batch_size: int, gen: torch.Generator) -> dict[str, Tensor]:
@@ -160,5 +168,5 @@ def train_dynamics(episodes: Episodes, cfg: DynamicsConfig | None = None,
                         ckpt_every=0, progress=progress)
     result = fit(model, loss_fn, train,
                  out_dir=None if out_dir is None else Path(out_dir),
-                 save_fn=lambda d, m: m.save(d), log_prefix="dynamics")
+                 save_fn=lambda d, m: m.save(d), log_prefix=log_prefix)
     return result.model.eval()
