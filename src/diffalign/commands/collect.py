@@ -3,7 +3,9 @@
 TASK is a simulator task of :mod:`diffalign.envs.adapters` (``metaworld/button-press-v3``,
 ``mujoco/hopper``, …), or ``FAMILY/NAME/POLICY`` (``mujoco/hopper/medium``), which also
 names the policy and, without ``--out``, writes where ``--task FAMILY/NAME/POLICY`` finds it
-(:func:`diffalign.tasks.sim_dataset_path`).
+(:func:`diffalign.tasks.sim_dataset_path`). ``--policy replay`` (MuJoCo) writes a SAC
+training's transitions rather than episodes of a policy (:func:`diffalign.data.collect.
+collect_replay`).
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ class CollectArgs:
     """expert (MetaWorld's scripted policy), noisy (expert + Gaussian noise of std --noise),
     mixed (MetaWorld: the expert at each of --noise-levels plus a --random-fraction of
     random-action episodes; about 45% of its episodes succeed), random (uniform actions),
-    medium (MuJoCo: a SAC agent trained here to --target-return). Default: the task's first
+    medium (MuJoCo: a SAC agent trained here to --target-return), replay (MuJoCo: every
+    transition of that SAC training, D4RL's medium-replay). Default: the task's first
     (metaworld: expert, others: random)."""
-    episodes: int = 100
-    """Number of episodes."""
+    episodes: int | None = None
+    """Number of episodes (default 100). Not for replay: its episodes are SAC's, as many as
+    --max-train-steps / --max-train-seconds let it run."""
     out: Path | None = None
     """Output .hdf5/.h5 file, or with --format minari the Minari dataset id. Default:
     $DIFFALIGN_DATA/FAMILY/NAME-POLICY.hdf5 (DIFFALIGN_DATA defaults to ~/.diffalign/data),
@@ -57,16 +61,18 @@ class CollectArgs:
     """mixed: fraction of uniform-random-action episodes, >= 0 and < 1. Default, per task:
     button-press 0.45, drawer-open 0.30, sweep-into 0.45, plate-slide 0.35."""
     target_return: float | None = None
-    """medium: train SAC until its return reaches this (default: a D4RL-normalised score of
-    40: hopper 1282, halfcheetah 4686, walker2d 1838)."""
+    """medium, replay: train SAC until its return reaches this (default: a D4RL-normalised
+    score of 40: hopper 1282, halfcheetah 4686, walker2d 1838)."""
     max_train_steps: int = 300_000
-    """medium: SAC environment-step budget (about 25 s per 1000 steps on a 2-core CPU)."""
+    """medium, replay: SAC environment-step budget (about 25 s per 1000 steps on a 2-core
+    CPU)."""
     max_train_seconds: float | None = None
-    """medium: wall-clock budget of SAC training in seconds (None = none); training stops at
-    whichever of this and --max-train-steps comes first, and the agent is then used as is."""
+    """medium, replay: wall-clock budget of SAC training in seconds (default: none for
+    medium, 1200 for replay; inf: none); training stops at whichever of this and
+    --max-train-steps comes first, and the agent is then used as is."""
     eval_every: int = 5000
-    """medium: evaluate (5 episodes), save the agent and check the target every this many
-    steps."""
+    """medium, replay: evaluate (5 episodes), save the agent and check the target every this
+    many steps."""
     task_seed: int = 0
     """metaworld: seed of the benchmark's 50 goal variations (MT1)."""
     progress: bool = True
@@ -93,14 +99,25 @@ class CollectArgs:
             hint = ""
             if spec.family == "pusht" and self.policy in ("expert", "noisy", "mixed"):
                 hint = " (there is no scripted PushT policy)"
+            elif self.policy in ("medium", "replay"):
+                hint = " (the SAC-trained policies are for MuJoCo tasks)"
             raise UserError(f"unknown policy {self.policy!r} for task {self.task!r}{hint}; "
                              f"choose one of {', '.join(policies)}")
-        n = self.episodes
+        if self.policy == "replay" and self.episodes is not None:
+            raise UserError("--episodes is not for --policy replay: its episodes are those SAC "
+                             "ran while training; size it with --max-train-steps or "
+                             "--max-train-seconds")
+        n = 100 if self.episodes is None else self.episodes
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise UserError(f"episodes must be an integer >= 1, got episodes={n!r}")
+        self.episodes = n
         if self.max_episode_steps is not None and self.max_episode_steps < 1:
             raise UserError(f"max_episode_steps must be >= 1, got "
                              f"max_episode_steps={self.max_episode_steps}")
+        if self.policy == "replay" and self.max_train_seconds is None:
+            from diffalign.data.collect import REPLAY_TRAIN_SECONDS
+
+            self.max_train_seconds = REPLAY_TRAIN_SECONDS
         if self.max_train_seconds is not None and not self.max_train_seconds > 0:
             raise UserError(f"max_train_seconds must be > 0, got "
                              f"max_train_seconds={self.max_train_seconds}")
@@ -160,6 +177,17 @@ def collect_main(args: CollectArgs) -> dict[str, Any]:
         agent = {k: info.get(k) for k in ("train_steps", "eval_return", "target_return",
                                            "reached", "train_s")}
         agent["path"] = eps.meta.get("agent")
+    elif args.policy == "replay":
+        agent_at = None if args.format == "minari" else out
+        eps, info = col.collect_replay(args.task, agent_at, seed=args.seed,
+                                       target_return=args.target_return,
+                                       max_train_steps=args.max_train_steps,
+                                       max_train_seconds=args.max_train_seconds,
+                                       max_episode_steps=args.max_episode_steps,
+                                       eval_every=args.eval_every, progress=args.progress)
+        agent = {k: info.get(k) for k in ("train_steps", "eval_return", "target_return",
+                                           "reached", "train_s", "stopped_by")}
+        agent["path"] = eps.meta.get("agent")
     else:
         eps = col.collect_episodes(args.task, args.policy, episodes=args.episodes,
                                    seed=args.seed, max_episode_steps=args.max_episode_steps,
@@ -198,6 +226,10 @@ def collect_main(args: CollectArgs) -> dict[str, Any]:
         summary["agent"] = agent
     if meta.get("mix") is not None:
         summary["mix"] = meta["mix"]
+    if args.policy == "replay":
+        summary["return_range"] = [meta["return_min"], meta["return_mean"], meta["return_max"]]
+        summary["normalized_range"] = [meta["normalized_min"], meta["normalized_mean"],
+                                       meta["normalized_max"]]
     if args.json:
         print(_json.dumps(summary))
     else:
@@ -208,6 +240,11 @@ def collect_main(args: CollectArgs) -> dict[str, Any]:
         if "success_rate" in summary:
             line += f", success rate {summary['success_rate']:.2f}"
         print(line + f", {summary['collect_s']:.1f} s")
+        if "normalized_range" in summary:
+            lo, mean, hi = summary["normalized_range"]
+            print(f"  SAC: {agent['train_steps']} steps in {agent['train_s']:.0f} s (stopped "
+                  f"by {agent['stopped_by']}); episodes score {lo:.1f} / {mean:.1f} / "
+                  f"{hi:.1f} (min / mean / max, normalised)")
         for c in summary.get("mix", []):
             what = "random" if c["policy"] == "random" else f"noise {c['noise']:g}"
             rate = "-" if c["success_rate"] is None else f"{c['success_rate']:.2f}"
@@ -217,8 +254,8 @@ def collect_main(args: CollectArgs) -> dict[str, Any]:
 
 def collect_task(task: str, quick: bool = False, out: Path | None = None) -> Path:
     """Collect dataset ``FAMILY/NAME/POLICY`` into ``out`` (default: where ``resolve_task``
-    finds it); ``quick``: 10 episodes and a SAC budget of 10k steps instead of 100 and
-    300k."""
+    finds it); ``quick``: 10 episodes and a SAC budget of 10k steps (replay: and 60 s)
+    instead of 100 and 300k (replay: and 1200 s)."""
     from ..data.collect import collect_dataset
 
     return collect_dataset(task, quick=quick, out=out)

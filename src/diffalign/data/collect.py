@@ -12,6 +12,9 @@ Behaviour policies:
 * ``medium``: a stable-baselines3 SAC agent trained here until its (stochastic) return
   reaches a target (default: a D4RL-normalised score of 40, about D4RL's medium level), or a
   step budget runs out; its weights are kept as safetensors + JSON and reused.
+* ``replay`` (MuJoCo): D4RL's medium-replay analogue: every transition a SAC agent saw while
+  it was trained to the ``medium`` target (or until its step or wall-clock budget ran out),
+  in the order it saw them (see :func:`collect_replay`).
 
 Episode ``i`` is reset with seed ``seed + i``; policy noise comes from a generator seeded with
 ``seed``, so a collection is reproducible (which episodes of a ``mixed`` dataset get which
@@ -44,9 +47,12 @@ __all__ = [
     "DEFAULT_TARGET_SCORE",
     "MIXED_NOISE_LEVELS",
     "MIXED_RANDOM_FRACTION",
+    "REPLAY_TRAIN_SECONDS",
+    "TransitionLog",
     "collect_dataset",
     "collect_episodes",
     "collect_policies",
+    "collect_replay",
     "default_target_return",
     "ensure_dataset",
     "make_policy",
@@ -96,15 +102,21 @@ MIXED_RANDOM_FRACTION = {
 #: Random fraction of a MetaWorld task missing from :data:`MIXED_RANDOM_FRACTION`.
 _MIXED_RANDOM_DEFAULT = 0.4
 
-#: Episodes (and SAC step budget, for ``medium``) of :func:`ensure_dataset` /
-#: :func:`collect_dataset`, full or ``quick``.
-COLLECT_SIZES = {False: {"episodes": 100, "max_train_steps": 300_000},
-                 True: {"episodes": 10, "max_train_steps": 10_000}}
+#: Wall-clock budget (s) of the SAC training behind a ``replay`` dataset: what a 2-core
+#: machine can spend per task (``medium`` has no clock by default: it trains to its target).
+REPLAY_TRAIN_SECONDS = 1200.0
+
+#: Episodes, SAC step budget (``medium``, ``replay``) and SAC wall-clock budget in seconds
+#: (``replay``) of :func:`ensure_dataset` / :func:`collect_dataset`, full or ``quick``.
+COLLECT_SIZES = {False: {"episodes": 100, "max_train_steps": 300_000,
+                         "replay_train_seconds": REPLAY_TRAIN_SECONDS},
+                 True: {"episodes": 10, "max_train_steps": 10_000,
+                        "replay_train_seconds": 60.0}}
 
 
 def collect_policies(task: str) -> tuple[str, ...]:
     """The behaviour policies ``diffalign collect`` offers for ``task`` (``FAMILY/NAME``):
-    the adapter's, plus ``mixed`` on MetaWorld."""
+    the adapter's (MuJoCo: ``random, medium, replay``), plus ``mixed`` on MetaWorld."""
     spec = sim_spec(task)
     extra = ("mixed",) if spec.family == "metaworld" else ()
     return tuple(spec.policies) + extra
@@ -261,6 +273,9 @@ def make_policy(task: str, policy: str, env, noise: float = 0.1, model=None):
         if model is None:
             raise ValueError("policy 'medium' needs a trained agent (train_sac)")
         return SB3Policy(model)
+    if policy == "replay":
+        raise ValueError("policy 'replay' is the data of a SAC training, not a policy to run: "
+                         "collect it with collect_replay(task, out)")
     raise ValueError(f"unknown policy {policy!r}")  # pragma: no cover
 
 
@@ -452,12 +467,85 @@ def _evaluate_agent(model, task: str, h: int, episodes: int, seed: int) -> float
         env.close()
 
 
+class TransitionLog:
+    """Every transition of a SAC training in the order the agent took them: what its replay
+    buffer holds, plus the last step (SB3 stores a step after the callback that may stop
+    training, so a stopped run's buffer lacks it) and without the buffer's size limit.
+
+    Actions are the env's actions (the buffer keeps them rescaled to [-1, 1]); a transition
+    that ends an episode has the episode's last observation as its next observation (the
+    vectorised env has already reset), and is a terminal or, at the time limit, a timeout.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, int(capacity))
+        self.n = 0
+        self._cols: dict[str, np.ndarray] | None = None
+
+    def add(self, obs, action, reward: float, next_obs, terminal: bool, timeout: bool) -> None:
+        obs = np.asarray(obs, np.float32).reshape(-1)
+        action = np.asarray(action, np.float32).reshape(-1)
+        if self._cols is None:
+            c = self.capacity
+            self._cols = {"observations": np.empty((c, obs.size), np.float32),
+                          "next_observations": np.empty((c, obs.size), np.float32),
+                          "actions": np.empty((c, action.size), np.float32),
+                          "rewards": np.empty(c, np.float32),
+                          "terminals": np.zeros(c, bool), "timeouts": np.zeros(c, bool)}
+        if self.n == self.capacity:  # more steps than announced: grow rather than drop any
+            self.capacity *= 2
+            self._cols = {k: np.concatenate([v, np.zeros_like(v)])
+                          for k, v in self._cols.items()}
+        i, c = self.n, self._cols
+        c["observations"][i] = obs
+        c["next_observations"][i] = np.asarray(next_obs, np.float32).reshape(-1)
+        c["actions"][i] = action
+        c["rewards"][i] = reward
+        c["terminals"][i] = bool(terminal)
+        c["timeouts"][i] = bool(timeout) and not bool(terminal)
+        self.n += 1
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The transitions so far as D4RL columns (copies); a last episode that training cut
+        off ends in a timeout, as a time limit would have ended it."""
+        if self._cols is None or self.n == 0:
+            raise ValueError("no transitions were recorded")
+        out = {k: v[: self.n].copy() for k, v in self._cols.items()}
+        if not (out["terminals"][-1] or out["timeouts"][-1]):
+            out["timeouts"][-1] = True
+        return out
+
+    @property
+    def cut_short(self) -> bool:
+        """Whether training stopped in the middle of an episode."""
+        c = self._cols
+        return c is not None and self.n > 0 and not (c["terminals"][self.n - 1]
+                                                    or c["timeouts"][self.n - 1])
+
+
+def _reusable(info: dict, task: str, h: int, target_return: float, max_train_steps: int,
+              max_train_seconds: float | None) -> bool:
+    """Whether a saved agent's ``info`` stands for the training asked for: finished on the
+    same task and time limit, and either at or above the target, or with the same target
+    and at least the budget (a clock-stopped agent: for the same or a smaller clock)."""
+    if info.get("task") != task or info.get("max_episode_steps") != h or not info.get("finished"):
+        return False
+    if info.get("reached"):
+        return float(info.get("target_return", -np.inf)) >= target_return
+    return (info.get("target_return") == target_return
+            and int(info.get("max_train_steps", 0)) >= max_train_steps
+            and (info.get("stopped_by") != "time"
+                 or (max_train_seconds is not None and info.get("max_train_seconds") is not None
+                     and max_train_seconds <= float(info["max_train_seconds"]))))
+
+
 def train_sac(task: str, target_return: float | None = None, max_train_steps: int = 300_000,
               seed: int = 0, agent_path: str | Path | None = None,
               max_episode_steps: int | None = None, eval_every: int = 5000,
               eval_episodes: int = 5, learning_starts: int | None = None,
               device: str = "auto", progress: bool = True,
-              max_train_seconds: float | None = None) -> tuple[Any, dict]:
+              max_train_seconds: float | None = None, recorder: TransitionLog | None = None,
+              reuse_from=(), desc: str | None = None) -> tuple[Any, dict]:
     """Train a SAC agent on ``task`` until its mean stochastic return over ``eval_episodes``
     episodes reaches ``target_return`` (checked every ``eval_every`` steps), or
     ``max_train_steps`` steps, or ``max_train_seconds`` of wall-clock time are spent (then
@@ -465,7 +553,10 @@ def train_sac(task: str, target_return: float | None = None, max_train_steps: in
 
     With ``agent_path`` (``….sac.safetensors``) the weights and ``info`` (JSON beside them)
     are saved at every evaluation, and an agent saved there that finished with the same task
-    and at least the same target (or the same budget) is loaded instead of trained again.
+    and at least the same target (or the same budget) is loaded instead of trained again;
+    so is one saved at a path of ``reuse_from`` (then copied to ``agent_path``).
+    ``recorder``: a :class:`TransitionLog` that gets every transition; a recorded training
+    is always run, since a saved agent does not keep the transitions it saw.
     """
     sb3 = _import_sb3()
     spec = sim_spec(task)
@@ -480,23 +571,22 @@ def train_sac(task: str, target_return: float | None = None, max_train_steps: in
     model = sb3.SAC("MlpPolicy", env, seed=seed, verbose=0, device=device,
                     learning_starts=starts)
     weights = Path(agent_path) if agent_path is not None else None
-    if weights is not None and weights.exists() and weights.with_suffix(".json").exists():
-        info = json.loads(weights.with_suffix(".json").read_text())
-        same = info.get("task") == task and info.get("max_episode_steps") == h
-        done = info.get("finished") and (
-            (info.get("reached") and float(info.get("target_return", -np.inf)) >= target_return)
-            or (not info.get("reached") and info.get("target_return") == target_return
-                and int(info.get("max_train_steps", 0)) >= max_train_steps
-                and (info.get("stopped_by") != "time"
-                     or (max_train_seconds is not None
-                         and max_train_seconds <= float(info["max_train_seconds"])))))
-        if same and done:
+    candidates = [] if recorder is not None else \
+        [p for p in [weights, *(Path(p) for p in reuse_from)] if p is not None]
+    for cand in candidates:
+        if not (cand.exists() and cand.with_suffix(".json").exists()):
+            continue
+        info = json.loads(cand.with_suffix(".json").read_text())
+        if _reusable(info, task, h, target_return, max_train_steps, max_train_seconds):
             from safetensors.torch import load_file
 
-            model.policy.load_state_dict(load_file(str(weights)))
-            print(f"SAC agent for {task}: reusing {weights} ({info['train_steps']} steps, "
+            model.policy.load_state_dict(load_file(str(cand)))
+            print(f"SAC agent for {task}: reusing {cand} ({info['train_steps']} steps, "
                   f"return {info['eval_return']:.1f})", flush=True)
             env.close()
+            if weights is not None and cand != weights:
+                info = dict(info, reused_from=str(cand))
+                _save_agent(model, weights, info)
             return model, dict(info, reused=True)
 
     info: dict[str, Any] = {
@@ -510,7 +600,8 @@ def train_sac(task: str, target_return: float | None = None, max_train_steps: in
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=int(max_train_steps), desc=f"SAC {task} (target {target_return:.0f})",
+        bar = tqdm(total=int(max_train_steps),
+                   desc=desc or f"SAC {task} (target {target_return:.0f})",
                    dynamic_ncols=True, unit="step")
     t0 = time.perf_counter()
 
@@ -532,6 +623,14 @@ def train_sac(task: str, target_return: float | None = None, max_train_steps: in
 
     class _Progress(BaseCallback):
         def _on_step(self) -> bool:
+            if recorder is not None:
+                loc = self.locals
+                done, step_info = bool(loc["dones"][0]), loc["infos"][0]
+                nxt = step_info.get("terminal_observation") if done else None
+                timeout = done and bool(step_info.get("TimeLimit.truncated", False))
+                recorder.add(self.model._last_obs[0], loc["actions"][0], loc["rewards"][0],
+                             loc["new_obs"][0] if nxt is None else nxt,
+                             done and not timeout, timeout)
             if bar is not None:
                 bar.update(1)
             n = self.num_timesteps
@@ -588,13 +687,26 @@ def collect_medium(task: str, out: str | Path | None, episodes: int, seed: int =
                                max_episode_steps, eval_every, progress, max_train_seconds)
 
 
+def _replay_sibling(out: str | Path) -> Path | None:
+    """The ``replay`` dataset next to ``medium`` dataset ``out`` (``NAME-medium.hdf5`` ->
+    ``NAME-replay.hdf5``), whose agent is the last agent of a training the medium one would
+    repeat; None when ``out`` is not named that way."""
+    out = Path(out)
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    if not stem.endswith("-medium"):
+        return None
+    return out.with_name(stem[: -len("medium")] + "replay" + out.suffix)
+
+
 def _collect_medium(task, out, episodes, seed, target_return, max_train_steps,
                     max_episode_steps, eval_every, progress, max_train_seconds=None):
     weights = agent_paths(out)[0] if out is not None else None
+    sibling = _replay_sibling(out) if out is not None else None
     model, info = train_sac(task, target_return=target_return, max_train_steps=max_train_steps,
                             seed=seed, agent_path=weights, max_episode_steps=max_episode_steps,
                             eval_every=eval_every, progress=progress,
-                            max_train_seconds=max_train_seconds)
+                            max_train_seconds=max_train_seconds,
+                            reuse_from=[agent_paths(sibling)[0]] if sibling else ())
     extra = {"agent": None if weights is None else str(weights),
              "agent_train_steps": info["train_steps"], "agent_eval_return": info["eval_return"],
              "target_return": info["target_return"], "agent_reached_target": info["reached"]}
@@ -603,6 +715,68 @@ def _collect_medium(task, out, episodes, seed, target_return, max_train_steps,
                            extra_meta=extra)
     return eps, info
 
+
+def collect_replay(task: str, out: str | Path | None, seed: int = 0,
+                   target_return: float | None = None, max_train_steps: int = 300_000,
+                   max_train_seconds: float | None = REPLAY_TRAIN_SECONDS,
+                   max_episode_steps: int | None = None, eval_every: int = 5000,
+                   progress: bool = True, threads: int | None = 1) -> tuple[Episodes, dict]:
+    """The ``replay`` dataset of MuJoCo task ``task``: train a SAC agent as ``medium`` does
+    (to ``target_return``, default D4RL-normalised 40, or until ``max_train_steps`` or
+    ``max_train_seconds`` runs out) and return every transition it took while training, in
+    order, as Episodes (split at terminals and time limits; an episode cut off by the end of
+    training ends in a timeout), with ``(model, info)``'s ``info`` of :func:`train_sac`.
+
+    The data are what D4RL's medium-replay datasets are: from random-action warm-up to a
+    medium policy. ``meta`` adds to the usual attributes ``sac_steps`` (= transitions),
+    ``train_s``, ``stopped_by``, the budget, ``last_episode_cut``, and over the episodes
+    (the cut one included) ``return_{min,mean,max,std}`` and their D4RL-normalised
+    ``normalized_{min,mean,max}``. The agent at the end is saved beside ``out`` (as for
+    ``medium``; a ``NAME-medium`` dataset next to it reuses it when its budget allows).
+    ``threads``: torch threads while training (None leaves torch's setting)."""
+    spec = sim_spec(task)
+    if spec.family != "mujoco":
+        raise UserError(f"policy 'replay' is for MuJoCo tasks (SAC's replay buffer), got task "
+                        f"{task!r}; choose one of {', '.join(collect_policies(task))}")
+    h = int(max_episode_steps or spec.max_episode_steps)
+    weights = agent_paths(out)[0] if out is not None else None
+    log = TransitionLog(int(max_train_steps))
+    t0 = time.perf_counter()
+    with _torch_threads(threads):
+        _, info = train_sac(task, target_return=target_return, max_train_steps=max_train_steps,
+                            seed=seed, agent_path=weights, max_episode_steps=h,
+                            eval_every=eval_every, progress=progress,
+                            max_train_seconds=max_train_seconds, recorder=log,
+                            desc=f"SAC {task} replay")
+    cut = log.cut_short
+    eps = Episodes.from_arrays(**log.arrays())
+    returns = eps.returns()
+    lo, hi = spec.ref_min, spec.ref_max
+    norm = 100.0 * (returns - lo) / (hi - lo)
+    meta: dict[str, Any] = {
+        "task": task, "env_id": spec.gym_id, "env_kwargs": {"max_episode_steps": h},
+        "max_episode_steps": h, "policy": "replay", "seed": int(seed),
+        "episodes": len(eps), "collector": "diffalign collect",
+        "algorithm": info["algorithm"], "sac_steps": int(eps.num_steps),
+        "train_s": float(info["train_s"]), "stopped_by": info["stopped_by"],
+        "max_train_steps": int(max_train_steps),
+        "max_train_seconds": None if max_train_seconds is None else float(max_train_seconds),
+        "target_return": info["target_return"], "agent_reached_target": info["reached"],
+        "agent_eval_return": info["eval_return"],
+        "agent": None if weights is None else str(weights),
+        "last_episode_cut": bool(cut),
+        "return_min": float(returns.min()), "return_mean": float(returns.mean()),
+        "return_max": float(returns.max()), "return_std": float(returns.std()),
+        "normalized_min": float(norm.min()), "normalized_mean": float(norm.mean()),
+        "normalized_max": float(norm.max()),
+        "ref_min_score": lo, "ref_max_score": hi,
+        "collect_s": time.perf_counter() - t0,
+    }
+    if eps.num_steps != info["train_steps"]:  # SB3 changed when its callback runs
+        raise RuntimeError(f"recorded {eps.num_steps} transitions of {info['train_steps']} "
+                           "SAC steps")
+    eps.meta = meta
+    return eps, info
 
 
 # ---------------------------------------------------------------------- datasets by name
@@ -619,7 +793,8 @@ def _sim_dataset(task: str) -> tuple[str, str] | None:
 
 def collect_dataset(task: str, out: str | Path | None = None, quick: bool = False,
                     episodes: int | None = None, seed: int = 0,
-                    max_train_steps: int | None = None, progress: bool = True) -> Path:
+                    max_train_steps: int | None = None, progress: bool = True,
+                    max_train_seconds: float | None = None) -> Path:
     """Collect dataset ``FAMILY/NAME/POLICY`` (``metaworld/drawer-open-v3/mixed``) and write
     it as HDF5 to ``out`` (default: :func:`diffalign.tasks.sim_dataset_path`, where
     ``resolve_task`` finds it), replacing any file there; returns the path written.
@@ -627,7 +802,9 @@ def collect_dataset(task: str, out: str | Path | None = None, quick: bool = Fals
     ``episodes`` / ``max_train_steps`` default to :data:`COLLECT_SIZES` (``quick``: 10
     episodes and a 10k-step SAC budget instead of 100 and 300k). Policies are
     :func:`collect_policies`' with their defaults (``noisy``: noise 0.1; ``mixed``: the task's
-    default mix; ``medium``: SAC trained to a D4RL-normalised 40, which takes hours)."""
+    default mix; ``medium``: SAC trained to a D4RL-normalised 40, which takes hours;
+    ``replay``: the transitions of that training, which stops after ``max_train_seconds``,
+    default :data:`COLLECT_SIZES`' 20 minutes, quick 1; ``episodes`` does not apply)."""
     from ..tasks import sim_dataset_path
     from .readers import write_d4rl_hdf5
 
@@ -646,7 +823,14 @@ def collect_dataset(task: str, out: str | Path | None = None, quick: bool = Fals
     path = Path(out) if out is not None else sim_dataset_path(name, policy)
     if policy == "medium":
         eps, _ = collect_medium(name, path, episodes=n, seed=seed, progress=progress,
-                                max_train_steps=max_train_steps or size["max_train_steps"])
+                                max_train_steps=max_train_steps or size["max_train_steps"],
+                                max_train_seconds=max_train_seconds)
+    elif policy == "replay":
+        secs = max_train_seconds if max_train_seconds is not None else \
+            size.get("replay_train_seconds", REPLAY_TRAIN_SECONDS)
+        eps, _ = collect_replay(name, path, seed=seed, progress=progress,
+                                max_train_steps=max_train_steps or size["max_train_steps"],
+                                max_train_seconds=secs)
     else:
         eps = collect_episodes(name, policy, episodes=n, seed=seed, progress=progress)
     return write_d4rl_hdf5(path, eps)
@@ -677,4 +861,7 @@ def ensure_dataset(task: str, quick: bool = False, episodes: int | None = None,
         root = Path(os.environ.get("MINARI_DATASETS_PATH")
                     or Path.home() / ".minari" / "datasets")
         return root / f"{task}-v0"
+    if progress:
+        print(f"{task}: not found, collecting it into {sim_dataset_path(name, policy)}",
+              flush=True)
     return collect_dataset(task, quick=quick, episodes=episodes, seed=seed, progress=progress)

@@ -114,7 +114,7 @@ def _build_specs() -> dict[str, SimSpec]:
     for name, gid in _MUJOCO.items():
         lo, hi = D4RL_REF[name]
         specs.append(SimSpec(f"mujoco/{name}", "mujoco", name, 1000, lo, hi, False,
-                             ("random", "medium"), {"env_id": gid}))
+                             ("random", "medium", "replay"), {"env_id": gid}))
     for name in METAWORLD_TASKS:
         # ref_max: the scripted expert's mean return over the first 50 seeds at 200 steps is
         # written into each collected file; here there is no universal constant.
