@@ -189,3 +189,57 @@ def test_run_collects_a_missing_simulator_dataset(tmp_path, monkeypatch):
     assert stored.is_file() and Path(spec["file"]).is_file()
     with h5py.File(spec["file"]) as f:
         assert f["observations"].shape[0] > 0
+
+
+def _weights(out):
+    """Every safetensors file of a run, by its path in the run."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.safetensors"))
+            if "train_state" not in p.parts}
+
+
+def test_two_fresh_runs_with_one_seed_are_bit_identical(run_dir, data_dir, tmp_path):
+    """A second run from scratch, in another process and on one thread, writes the same
+    foundation, critic, adapters and evaluations byte for byte: every step is seeded from
+    --seed and the run's thread counts do not follow the second process's timing."""
+    out = tmp_path / "again"
+    env = {**os.environ, "DIFFALIGN_DATA": str(data_dir), "OMP_NUM_THREADS": "1",
+           "MPLBACKEND": "Agg"}
+    subprocess.run([sys.executable, "-m", "diffalign.cli", *RUN, "--out", str(out)], env=env,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    a, b = _weights(out), _weights(run_dir)
+    assert {"foundation/model.safetensors", "critic/model.safetensors"} <= set(a)
+    assert any(k.startswith("align/") for k in a)
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+    ra = json.loads((out / "report.json").read_text())
+    rb = json.loads((run_dir / "report.json").read_text())
+    assert [(s["name"], s["return_mean"]) for s in ra["stages"]] == \
+        [(s["name"], s["return_mean"]) for s in rb["stages"]]
+    for stage in (out / "eval").iterdir():  # every episode's return, exactly
+        assert json.loads((stage / "eval.json").read_text())["returns"] == json.loads(
+            (run_dir / "eval" / stage.name / "eval.json").read_text())["returns"]
+
+
+def test_a_run_over_another_runs_directory_is_refused_naming_the_settings(
+        run_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """Resuming with other flags stops before any work, naming each differing setting;
+    --overwrite starts afresh and deletes only what a run writes."""
+    import shutil
+
+    out = tmp_path / "r"
+    shutil.copytree(run_dir, out)
+    (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
+    monkeypatch.setenv("DIFFALIGN_DATA", str(data_dir))
+    assert main([*RUN, "--out", str(out), "--model", "dp", "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "model 'diffuser' -> 'dp'" in err and "seed 0 -> 1" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written or removed
+    assert main([*RUN, "--out", str(out), "--recipe", "foundation_steps=101"]) == 2
+    assert "recipe.foundation_steps 100 -> 101" in capsys.readouterr().err
+
+    from diffalign.pipeline.run import clear_run
+
+    clear_run(out)  # what --overwrite does first
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

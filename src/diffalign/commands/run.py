@@ -66,6 +66,10 @@ class _RunFlags:
     """On a CPU, use a second process (one torch thread each): the critic trains beside the
     foundation and each stage is evaluated beside the alignment (diffalign.pipeline.jobs).
     ``--no-parallel`` runs everything here, one step after another."""
+    overwrite: bool = False
+    """Delete what an earlier run left in --out first (its data, models, alignment,
+    evaluations and report), instead of resuming it. Without it, a run over a directory
+    made with other settings stops and names them."""
 
     def __post_init__(self):
         from ..align.sequence import METHODS
@@ -104,7 +108,7 @@ class _RunFlags:
             online=self.online, rollout_conditions=self.rollout_conditions,
             critic_ensemble=self.critic_ensemble, critic_steps=self.critic_steps,
             eval_episodes=self.eval_episodes, seed=self.seed, device=self.device,
-            progress=self.progress, parallel=self.parallel, **kw)
+            progress=self.progress, parallel=self.parallel, overwrite=self.overwrite, **kw)
 
 
 @dataclass(kw_only=True)

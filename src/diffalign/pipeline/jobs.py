@@ -81,28 +81,21 @@ class SideJobs:
             torch.set_num_threads(1)
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-        """Run ``fn(*args, **kwargs)`` in the worker (or now, here). This process runs on one
-        torch thread from now until :meth:`poll` finds the worker idle."""
+        """Run ``fn(*args, **kwargs)`` in the worker (or now, here)."""
         if self._pool is not None:
-            import torch
-
-            torch.set_num_threads(1)  # before the job starts: never more threads than cores
             fut = self._pool.submit(fn, *args, **kwargs)
             self._running.append(fut)
             return fut
         return done(fn(*args, **kwargs))  # an error is raised here, at once
 
     def poll(self) -> None:
-        """Give this process back its torch threads when the worker has nothing to do (the
-        alignment's RL steps run 1.3x faster on 2 threads than on 1), cheaply enough to call
-        before every update."""
-        if self._pool is None or not self._running:
-            return
-        self._running = [f for f in self._running if not f.done()]
-        if not self._running:
-            import torch
+        """Forget finished jobs; cheap enough to call before every update.
 
-            torch.set_num_threads(self._threads)
+        This process keeps one torch thread while the worker lives, busy or not: giving it
+        back two threads whenever the worker idles would make the alignment's arithmetic
+        (and so its result, by about 1e-7 per gradient) depend on the worker's timing."""
+        if self._pool is not None and self._running:
+            self._running = [f for f in self._running if not f.done()]
 
     def close(self, kill: bool = False) -> None:
         """Wait for the submitted jobs, or with ``kill`` stop the worker now (what it was

@@ -101,6 +101,8 @@ class RunOptions:
     making its own (``diffalign bench`` shares one critic between cells)."""
     extra: dict = field(default_factory=dict)
     """Entries added to the report as they are."""
+    overwrite: bool = False
+    """Delete what an earlier run left in ``out`` first, instead of resuming it."""
 
     @property
     def nav1d(self) -> bool:
@@ -133,7 +135,10 @@ def bf16_is_fast(device: str = "auto") -> bool:
 def run_pipeline(opts: RunOptions) -> dict:
     """Run every step (skipping finished ones) and write the report; returns report.json."""
     out = Path(opts.out)
+    if opts.overwrite:
+        clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
+    check_run_settings(out, run_settings(opts))
     timings: dict[str, float] = {}
     if opts.shared is not None:
         _take_shared(Path(opts.shared), out)
@@ -156,6 +161,71 @@ def run_pipeline(opts: RunOptions) -> dict:
 
     with SideJobs(opts.parallel and resolve_device(opts.device).type == "cpu") as jobs:
         return _steps(opts, data, task, timings, jobs)
+
+
+RUN_SETTINGS = "run.json"
+"""The settings that determine a run's output, as its first start recorded them."""
+
+_RUN_ENTRIES = ("data", "behavior", "foundation", "critic", "dynamics", "align", "eval",
+                "eval-again", "report.json", "report.md", "timings.json", RUN_SETTINGS)
+"""What :func:`run_pipeline` (and ``diffalign evaluate`` of the run) writes in ``OUT``,
+besides the report's pictures."""
+
+
+def run_settings(opts: RunOptions) -> dict:
+    """The settings of ``opts`` that determine what the run writes: not the device, the
+    progress bars or the second process (those change how fast, not what)."""
+    from dataclasses import asdict
+
+    return {"task": opts.task, "model": opts.model, "process": opts.process,
+            "preset": opts.preset, "layout_seed": opts.layout_seed if opts.nav1d else None,
+            "methods": list(opts.methods), "passes": opts.passes, "cascade": opts.cascade,
+            "dpo_pairs": opts.dpo_pairs, "online": opts.online,
+            "rollout_conditions": opts.rollout_conditions,
+            "critic_ensemble": opts.critic_ensemble, "critic_steps": opts.critic_steps,
+            "eval_episodes": opts.eval_episodes, "seed": opts.seed,
+            "shared": str(opts.shared) if opts.shared is not None else None,
+            "recipe": json.loads(json.dumps(asdict(opts.recipe), default=str))}
+
+
+def check_run_settings(out: Path, settings: dict) -> None:
+    """Record ``settings`` in ``OUT/run.json`` on a run's first start; on a later start,
+    refuse (one line naming each differing setting) to resume a run made with others.
+
+    A directory holding a run from before settings were recorded is taken as it is. Keys
+    that only one side has (a recipe field added or renamed since) are not compared."""
+    from ..atomic import write_json
+    from ..errors import UserError
+    from ..train.trainer import settings_diff
+
+    path = out / RUN_SETTINGS
+    if not path.exists():
+        write_json(path, settings)
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({e}); delete it, or rerun with "
+                        "--overwrite to start afresh") from None
+    diff = settings_diff(old, settings)
+    if diff:
+        raise UserError(f"{out} holds a run with other settings ({'; '.join(diff)}): rerun "
+                        "with the same flags to resume it, with --overwrite to start afresh, "
+                        "or with a new --out")
+
+
+def clear_run(out: Path) -> None:
+    """Delete what :func:`run_pipeline` writes in ``out``, and nothing else there."""
+    if not out.is_dir():
+        return
+    for name in _RUN_ENTRIES:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    for p in out.glob("*.png"):
+        p.unlink()
 
 
 def data_file_of(data: dict) -> Path:

@@ -431,18 +431,24 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _check_settings(directory: Path, saved: Any, settings: dict[str, Any] | None) -> None:
-    """Refuse to resume a state whose recorded settings differ from this run's."""
-    if not isinstance(saved, dict) or not settings:
-        return  # a state from before settings were recorded, or a run that records none
+def settings_diff(saved: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """``"key old -> new"`` for each (nested, dotted) key whose value differs between two
+    settings dicts; keys only one side has are not compared (a field added since)."""
     old, new = _flatten(saved), _flatten(settings)
 
     def short(v: Any) -> str:
         r = repr(v)
         return r if len(r) <= 40 else r[:37] + "..."
 
-    diff = [f"{k} {short(old[k])} -> {short(new[k])}" for k in sorted(set(old) & set(new))
+    return [f"{k} {short(old[k])} -> {short(new[k])}" for k in sorted(set(old) & set(new))
             if old[k] != new[k]]
+
+
+def _check_settings(directory: Path, saved: Any, settings: dict[str, Any] | None) -> None:
+    """Refuse to resume a state whose recorded settings differ from this run's."""
+    if not isinstance(saved, dict) or not settings:
+        return  # a state from before settings were recorded, or a run that records none
+    diff = settings_diff(saved, settings)
     if diff:
         run = directory.parent
         raise UserError(f"{run} holds a run with other settings ({'; '.join(diff)}): it cannot "
