@@ -72,18 +72,18 @@ def test_each_method_raises_reward_over_reference(trained, method):
     g = torch.Generator().manual_seed(0)
     if method.startswith(("ppo", "reinforce", "qvpg")):
         algo, _, scale = method.partition("_")
-        m = RLMethod(setup, net, RLConfig(algo=algo, states_per_iter=16, group_size=8,
+        m = RLMethod(setup, net, RLConfig(algo=algo, states_per_update=16, group_size=8,
                                           lr=3e-3, kl_coef=0.0, qvpg_scale=scale or "none"), g)
         iters = 12
     elif method.startswith("dpo"):
         source = "dataset" if method == "dpo_dataset" else "reference"
-        m = DPOMethod(setup, net, DPOConfig(states_per_iter=32, candidates=8, lr=3e-3,
+        m = DPOMethod(setup, net, DPOConfig(states_per_update=32, candidates=8, lr=3e-3,
                                             beta=200.0, pair_source=source), g)
         iters = 12
     else:
         loss = "diffusion" if method == "sft_diffusion" else "min_snr"
         search = dict(action_proposals=21, replay=96) if method == "sft_search" else {}
-        m = SFTMethod(setup, net, SFTConfig(states_per_round=32, candidates=8, lr=3e-3,
+        m = SFTMethod(setup, net, SFTConfig(states_per_update=32, candidates=8, lr=3e-3,
                                             epochs=6, loss=loss, **search), g)
         iters = 5
     for _ in range(iters):
@@ -105,7 +105,7 @@ def test_kl_term_keeps_closer_to_reference(trained):
     def drift(kl):
         setup, net = _setup(trained)
         g = torch.Generator().manual_seed(0)
-        m = RLMethod(setup, net, RLConfig(algo="ppo", states_per_iter=16, lr=3e-3, kl_coef=kl,
+        m = RLMethod(setup, net, RLConfig(algo="ppo", states_per_update=16, lr=3e-3, kl_coef=kl,
                                           ppo_epochs=1), g)
         for _ in range(5):
             m.step()
@@ -159,10 +159,10 @@ def test_sequence_runs_methods_and_records_injected_collapse(trained, monkeypatc
         return out
 
     monkeypatch.setattr(SFTMethod, "step", bad_step)
-    seq = SequenceConfig(methods=("rl", "sft"), passes=1, max_iters=6, eval_every=2,
+    seq = SequenceConfig(methods=("rl", "sft"), passes=1, max_updates=6, eval_every=2,
                          patience=3)
-    cfgs = {"rl": RLConfig(states_per_iter=16, lr=3e-3, kl_coef=0.0),
-            "sft": SFTConfig(states_per_round=16, candidates=8, lr=3e-3, epochs=2)}
+    cfgs = {"rl": RLConfig(states_per_update=16, lr=3e-3, kl_coef=0.0),
+            "sft": SFTConfig(states_per_update=16, candidates=8, lr=3e-3, epochs=2)}
     ref_reward, _ = validation_reward(setup, net=net)
     stages, events, guard = run_sequence(setup, net, seq, cfgs, progress=False)
     assert [s.name for s in stages] == ["rl", "sft"]
@@ -175,10 +175,10 @@ def test_sequence_runs_methods_and_records_injected_collapse(trained, monkeypatc
 
 def test_method_eval_every_overrides_the_sequence(trained):
     setup, net = _setup(trained)
-    seq = SequenceConfig(methods=("rl", "sft"), passes=1, max_iters=6, eval_every=2,
+    seq = SequenceConfig(methods=("rl", "sft"), passes=1, max_updates=6, eval_every=2,
                          patience=10)
-    cfgs = {"rl": RLConfig(states_per_iter=8, lr=3e-3, kl_coef=0.0, eval_every=3),
-            "sft": SFTConfig(states_per_round=8, candidates=4, epochs=1, max_updates=4)}
+    cfgs = {"rl": RLConfig(states_per_update=8, lr=3e-3, kl_coef=0.0, eval_every=3),
+            "sft": SFTConfig(states_per_update=8, candidates=4, epochs=1, max_updates=4)}
     stages, _, _ = run_sequence(setup, net, seq, cfgs, progress=False)
     validated = {s.name: [h["iteration"] for h in s.history if "val_reward" in h]
                  for s in stages}
@@ -212,7 +212,7 @@ def test_cascade_starts_equal_to_reference_and_trains(trained):
     with torch.no_grad(), reference(net):  # the net itself is unchanged by the merge
         torch.testing.assert_close(net(x, t, cond=cond), want, atol=0, rtol=0)
     ref = train_cascade(setup, net, CascadeConfig(rounds=1, steps_per_round=3,
-                                                  states_per_round=8), progress=False)
+                                                  states_per_update=8), progress=False)
     with pytest.warns(UserWarning, match="unstable"):
         CascadeModel(setup.model, net, ref, passes=2)
     casc = CascadeModel(setup.model, net, ref)
@@ -230,7 +230,7 @@ def test_cascade_keeps_its_best_validated_refiner(trained):
 
     setup, net = _setup(trained)
     hist: list[dict] = []
-    cfg = CascadeConfig(rounds=2, steps_per_round=3, states_per_round=8, lr=5e-2)
+    cfg = CascadeConfig(rounds=2, steps_per_round=3, states_per_update=8, lr=5e-2)
     refiner = train_cascade(setup, net, cfg, progress=False, history=hist)
     assert [h["round"] for h in hist] == [0, 1, 2]
     best = max(h["val_reward"] for h in hist)
@@ -239,7 +239,7 @@ def test_cascade_keeps_its_best_validated_refiner(trained):
     assert cascade_validation(setup, net, refiner) == pytest.approx(best, abs=1e-5)
     assert best >= hist[0]["val_reward"]
     off = train_cascade(setup, net, CascadeConfig(rounds=1, steps_per_round=1,
-                                                  states_per_round=8, keep_best=False),
+                                                  states_per_update=8, keep_best=False),
                         progress=False, history=(h2 := []))
     assert h2 == [] and off is not None
     _unwrap(trained, net)
@@ -254,7 +254,7 @@ def test_qvpg_keeps_a_kl_on_deterministic_samplers(trained):
     original = model.process
     model.process = build_process("ddim", default_steps=5)
     try:
-        m = RLMethod(setup, net, RLConfig(algo="qvpg", states_per_iter=8, group_size=4,
+        m = RLMethod(setup, net, RLConfig(algo="qvpg", states_per_update=8, group_size=4,
                                           lr=3e-2, kl_coef=1.0, grad_last_k=3),
                      torch.Generator().manual_seed(0))
         first = m.step()
@@ -319,9 +319,9 @@ def test_online_rounds_grow_the_buffer_train_the_critic_and_rebase(trained):
     tuner = OnlineTuner(setup, task.episodes, task.make_env,
                         OnlineConfig(every=2, episodes=3, critic_steps=5, max_rounds=2))
     offline = tuner.offline_size
-    seq = SequenceConfig(methods=("rl",), passes=1, max_iters=6, eval_every=2, patience=5)
+    seq = SequenceConfig(methods=("rl",), passes=1, max_updates=6, eval_every=2, patience=5)
     stages, events, guard = run_sequence(
-        setup, net, seq, {"rl": RLConfig(states_per_iter=8, lr=3e-3)}, progress=False,
+        setup, net, seq, {"rl": RLConfig(states_per_update=8, lr=3e-3)}, progress=False,
         online=tuner)
     rounds = [e for e in events if e["kind"] == "online_round"]
     assert [e["round"] for e in rounds] == [1, 2]  # max_rounds caps them
@@ -351,9 +351,9 @@ def test_align_online_saves_the_fine_tuned_critic(trained, tmp_path):
                           progress=False)
     offline = {k: v.clone() for k, v in critic.state_dict().items()}
     cfg = AlignConfig(
-        sequence=SequenceConfig(methods=("rl",), passes=1, max_iters=2, eval_every=1,
+        sequence=SequenceConfig(methods=("rl",), passes=1, max_updates=2, eval_every=1,
                                 patience=5),
-        rl=RLConfig(states_per_iter=4), cascade=None, conditions=32, val_conditions=8,
+        rl=RLConfig(states_per_update=4), cascade=None, conditions=32, val_conditions=8,
         steps=5, online=OnlineConfig(every=1, episodes=1, critic_steps=3))
     meta = model.meta
     model.meta = {**meta, "task": "nav1d/full"}  # the rounds' env comes from the model's task
@@ -375,9 +375,9 @@ def test_align_merge_saves_the_adapted_model_and_calls_back_with_the_net(trained
     model, state, _, val, episodes = trained
     model.net.load_state_dict(state)
     cfg = AlignConfig(
-        sequence=SequenceConfig(methods=("rl",), passes=1, max_iters=2, eval_every=1,
+        sequence=SequenceConfig(methods=("rl",), passes=1, max_updates=2, eval_every=1,
                                 patience=5),
-        rl=RLConfig(states_per_iter=4, lr=3e-2, kl_coef=0.0), cascade=None, conditions=32,
+        rl=RLConfig(states_per_update=4, lr=3e-2, kl_coef=0.0), cascade=None, conditions=32,
         val_conditions=8, steps=5)
     seen = []
     res = align(model, freeze(TargetActionCritic()), episodes, cfg, out_dir=tmp_path,
@@ -414,9 +414,9 @@ def test_align_mixes_in_greedy_rollout_conditions_and_keeps_the_dynamics(trained
 
     model, state, _, _, episodes = trained
     cfg = AlignConfig(
-        sequence=SequenceConfig(methods=("rl",), passes=1, max_iters=1, eval_every=1,
+        sequence=SequenceConfig(methods=("rl",), passes=1, max_updates=1, eval_every=1,
                                 patience=5),
-        rl=RLConfig(states_per_iter=4), cascade=None, conditions=32, val_conditions=8,
+        rl=RLConfig(states_per_update=4), cascade=None, conditions=32, val_conditions=8,
         steps=5, rollouts=RolloutConditions(fraction=0.5, proposals=11, horizon=4,
                                             dynamics=DynamicsConfig(steps=20, hidden=16)))
     for _ in range(2):
@@ -441,10 +441,10 @@ def test_dpo_config_rejects_bad_dataset_pair_settings():
 
 def test_a_methods_max_updates_caps_its_stage_below_the_sequence(trained):
     setup, net = _setup(trained)
-    seq = SequenceConfig(methods=("rl", "sft"), passes=1, max_iters=6, eval_every=2,
+    seq = SequenceConfig(methods=("rl", "sft"), passes=1, max_updates=6, eval_every=2,
                          patience=100)
-    cfgs = {"rl": RLConfig(states_per_iter=8, group_size=4),
-            "sft": SFTConfig(states_per_round=8, candidates=4, epochs=1, max_updates=2)}
+    cfgs = {"rl": RLConfig(states_per_update=8, group_size=4),
+            "sft": SFTConfig(states_per_update=8, candidates=4, epochs=1, max_updates=2)}
     stages, _, _ = run_sequence(setup, net, seq, cfgs, progress=False)
     assert [(s.name, s.iterations) for s in stages] == [("rl", 6), ("sft", 2)]
     _unwrap(trained, net)
@@ -460,7 +460,7 @@ def test_sft_action_search_inpaints_the_critics_best_action(trained):
     setup, net = _setup(trained)
     model = setup.model
     g = torch.Generator().manual_seed(0)
-    m = SFTMethod(setup, net, SFTConfig(states_per_round=16, candidates=2, action_proposals=41,
+    m = SFTMethod(setup, net, SFTConfig(states_per_update=16, candidates=2, action_proposals=41,
                                         replay=40, likelihood_quantile=0.0), g)
     x, obs, stats = m.winners()
     assert x.shape[0] == obs.shape[0] == 16 and stats["winners"] == 16
@@ -485,7 +485,7 @@ def test_sft_action_search_inpaints_the_critics_best_action(trained):
 
 def test_sft_learning_rate_follows_a_cosine_to_lr_final(trained):
     setup, net = _setup(trained)
-    m = SFTMethod(setup, net, SFTConfig(states_per_round=4, candidates=2, epochs=1, lr=1e-3,
+    m = SFTMethod(setup, net, SFTConfig(states_per_update=4, candidates=2, epochs=1, lr=1e-3,
                                         lr_final=0.1, max_updates=5, likelihood_quantile=0.0),
                   torch.Generator().manual_seed(0))
     lrs = []
@@ -518,3 +518,39 @@ def test_sft_action_search_refuses_models_that_infer_actions(tmp_path):
     remove_lora(net)
     with pytest.raises(ValueError, match="action_proposals=-1"):
         SFTConfig(action_proposals=-1)
+
+
+def test_settings_saved_under_the_old_field_names_still_resume(tmp_path):
+    """A stage boundary whose fingerprint was taken with the fields under their old names
+    (``max_iters``, ``states_per_iter``, ``states_per_round``) resumes; other settings do not."""
+    import hashlib
+    import json
+    import types
+
+    from diffalign.align.common import renamed_fields
+    from diffalign.align.runner import AlignConfig, _fingerprint, _load_boundary, _save_boundary
+    from diffalign.errors import UserError
+
+    cfg = AlignConfig()
+    old = dataclasses.asdict(cfg)
+    old["sequence"]["max_iters"] = old["sequence"].pop("max_updates")
+    for section, name in (("rl", "states_per_iter"), ("dpo", "states_per_iter"),
+                          ("sft", "states_per_round"), ("cascade", "states_per_round")):
+        old[section][name] = old[section].pop("states_per_update")
+    assert renamed_fields(old) == dataclasses.asdict(cfg)
+    assert renamed_fields(dataclasses.asdict(cfg), to_old=True) == old
+    model = types.SimpleNamespace(spec=types.SimpleNamespace(to_dict=lambda: {"kind": "dp"}))
+    saved = hashlib.sha256(json.dumps({"config": old, "spec": {"kind": "dp"}}, sort_keys=True,
+                                      default=str).encode()).hexdigest()
+    where = tmp_path / "progress"
+    state = {"generator": torch.Generator().get_state(), "torch_rng": torch.get_rng_state(),
+             "stages": []}
+    _save_boundary(where, dict(state), saved)
+    assert _fingerprint(cfg, model) != saved
+    resumed = _load_boundary(where, _fingerprint(cfg, model),
+                             _fingerprint(cfg, model, old_names=True))
+    assert resumed is not None and resumed["stages"] == []
+    other = dataclasses.replace(cfg, sequence=SequenceConfig(max_updates=7))
+    with pytest.raises(UserError, match="other settings"):
+        _load_boundary(where, _fingerprint(other, model), _fingerprint(other, model,
+                                                                       old_names=True))

@@ -134,3 +134,21 @@ def test_snr_weights():
         torch.testing.assert_close(w, snr.clamp(max=5.0) / snr)
     with pytest.raises(ValueError, match="weighting"):
         snr_weight(p, t, "bogus")
+
+
+@pytest.mark.parametrize("pname", ["ddpm", "fm"])
+def test_smallest_noisy_std_is_the_chains_smallest_nonzero_std(pname):
+    from diffalign.align.rl import smallest_noisy_std
+
+    proc = build_process(pname).stochastic_variant()
+
+    def net(x, t, cond=None, extra=None):
+        return 0.3 * x
+
+    out = proc.sample(net, (2, 1, 2), steps=7, generator=torch.Generator().manual_seed(0),
+                      return_chain=True)
+    stds = out.stds.flatten()
+    assert float(stds.min()) == 0  # the last step to t = 0
+    assert smallest_noisy_std(proc, 7, torch.zeros(1, 1, 2)) == pytest.approx(
+        float(stds[stds > 0].min()), rel=1e-6)
+    assert smallest_noisy_std(build_process("ddim"), 7, torch.zeros(1, 1, 2)) is None  # η = 0

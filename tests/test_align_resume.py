@@ -42,13 +42,13 @@ SCRIPT = textwrap.dedent('''
         loss = model.loss(ds.sample(32, g), g)["loss"]
         opt.zero_grad(); loss.backward(); opt.step()
     model.eval()
-    seq = SequenceConfig(methods=("dpo", "sft", "rl"), passes=1, max_iters=4, eval_every=2,
+    seq = SequenceConfig(methods=("dpo", "sft", "rl"), passes=1, max_updates=4, eval_every=2,
                          patience=5)
     cfg = AlignConfig(sequence=seq, conditions=64, val_conditions=16, cascade=None,
                       pessimism=None, final=FinalStageConfig(states=16),
-                      rl=RLConfig(states_per_iter=8, group_size=2, ppo_epochs=1),
-                      dpo=DPOConfig(states_per_iter=8, candidates=4, updates_per_batch=1),
-                      sft=SFTConfig(states_per_round=8, candidates=4, epochs=2), seed=0)
+                      rl=RLConfig(states_per_update=8, group_size=2, ppo_epochs=1),
+                      dpo=DPOConfig(states_per_update=8, candidates=4, updates_per_batch=1),
+                      sft=SFTConfig(states_per_update=8, candidates=4, epochs=2), seed=0)
     seen = []
 
     def on_stage_end(st, net):

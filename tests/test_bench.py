@@ -1,5 +1,6 @@
 """`diffalign bench`: a one-cell Nav1D grid end to end (tables hold the cell's numbers), a
-resumed bench skips the finished cell, mean ± std over seeds in the tables, dataset glue,
+resumed bench skips the finished cell, a failed cell is reported while the others go on, a
+cell killed mid-run resumes from its disk, mean ± std over seeds in the tables, dataset glue,
 and bad input (exit 2, the value named, nothing written)."""
 
 import csv
@@ -20,9 +21,14 @@ pytest.importorskip("peft")
 
 TINY = ("data_episodes=50,foundation_steps=30,critic_steps=30,critic_ensemble=1,"
         "behavior_steps=30,dynamics_steps=30,eval_episodes=2,candidates=3,denoise_steps=3,"
-        "conditions=16,val_conditions=8,max_iters=2,eval_every=1,patience=1,rl_states=4,"
-        "rl_group=2")
+        "conditions=16,val_conditions=8,eval_every=1,patience=1,rl_states=4,rl_group=2")
 CELL = "nav1d__full__dp__ddim__s0"
+
+
+def _bench_args(out, processes="ddim"):
+    return ["bench", "--suite", "nav1d", "--tasks", "full", "--models", "dp", "--processes",
+            processes, "--seeds", "0", "--quick", "--sizes", TINY, "--ray", "off",
+            "--threads", "1", "--no-progress", "--out", str(out)]
 
 
 def _rows(path):
@@ -32,9 +38,7 @@ def _rows(path):
 
 def test_one_cell_bench_end_to_end_then_resume_skips(tmp_path, capsys):
     out = tmp_path / "bench"
-    args = ["bench", "--suite", "nav1d", "--tasks", "full", "--models", "dp", "--processes",
-            "ddim", "--seeds", "0", "--quick", "--sizes", TINY, "--ray", "off",
-            "--no-progress", "--out", str(out)]
+    args = _bench_args(out)
     assert main(args) == 0
     result_file = out / "cells" / CELL / "result.json"
     res = json.loads(result_file.read_text())
@@ -91,6 +95,114 @@ def test_one_cell_bench_end_to_end_then_resume_skips(tmp_path, capsys):
     assert result_file.stat().st_mtime_ns == mtime
     assert (out / "cells" / CELL / "foundation" / "model.safetensors").stat().st_mtime_ns == \
         model_mtime
+
+
+@pytest.mark.slow
+def test_a_failed_cell_is_reported_the_others_go_on_and_a_rerun_retries_it(tmp_path, capsys,
+                                                                          monkeypatch):
+    import diffalign.pipeline as pipeline
+
+    out = tmp_path / "bench"
+    bad, good = "nav1d__full__dp__ddim__s0", "nav1d__full__dp__ddpm__s0"  # in this order
+    real = pipeline.run_pipeline
+
+    def faulty(opts):
+        if Path(opts.out).name == bad:
+            raise ValueError(f"injected fault in {bad}")
+        return real(opts)
+
+    monkeypatch.setattr(pipeline, "run_pipeline", faulty)
+    args = _bench_args(out, "ddim,ddpm")
+    # a failed cell is a fault, not bad input: it leaves `main` after the tables are written
+    with pytest.raises(RuntimeError, match=rf"1 cell\(s\) failed.*{bad}.*injected fault"):
+        main(args)
+    log = capsys.readouterr().out
+    assert f"cell {bad} FAILED" in log and "1 ran, 0 skipped, 1 failed" in log
+    error = (out / "cells" / bad / "error.txt").read_text()
+    assert "Traceback" in error and f"injected fault in {bad}" in error
+    assert not (out / "cells" / bad / "result.json").exists()
+    # the cell after the failed one ran to the end, and the tables hold it alone
+    result = out / "cells" / good / "result.json"
+    res = json.loads(result.read_text())
+    assert not (out / "cells" / good / "error.txt").exists()
+    (row,) = _rows(out / "table2.csv")
+    assert row["process"] == "ddpm" and float(row["aligned_mean"]) == res["aligned"]
+
+    # the fault gone, a rerun runs the failed cell only and clears its error
+    monkeypatch.setattr(pipeline, "run_pipeline", real)
+    mtime = result.stat().st_mtime_ns
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert "2 cell(s): 1 to run, 1 skipped" in log and f"skipped {good}" in log
+    assert "1 ran, 1 skipped, 0 failed" in log
+    assert (out / "cells" / bad / "result.json").exists()
+    assert not (out / "cells" / bad / "error.txt").exists()
+    assert result.stat().st_mtime_ns == mtime
+    assert {r["process"] for r in _rows(out / "table2.csv")} == {"ddim", "ddpm"}
+
+
+# Runs the bench in a child process that stalls when its cell reaches the alignment (the
+# foundation trained and saved, the reference evaluated), so the test can kill it there.
+_STALLING_BENCH = """
+import sys, time
+from pathlib import Path
+
+import diffalign.align.runner as runner
+
+def stall(*args, **kwargs):
+    Path(sys.argv[1]).write_text("aligning")
+    time.sleep(600)
+
+runner.align = stall
+from diffalign.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_cell_killed_mid_run_resumes_from_what_it_saved(tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out, marker = tmp_path / "bench", tmp_path / "aligning"
+    args = _bench_args(out)
+    cell = out / "cells" / CELL
+    with open(tmp_path / "child.log", "w") as child_log:
+        proc = subprocess.Popen([sys.executable, "-c", _STALLING_BENCH, str(marker), *args],
+                                stdout=child_log, stderr=subprocess.STDOUT, env=os.environ)
+        try:
+            deadline = time.monotonic() + 120
+            while not marker.exists():
+                assert proc.poll() is None, (proc.returncode,
+                                             (tmp_path / "child.log").read_text())
+                assert time.monotonic() < deadline, "the cell never reached its alignment"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)  # mid-cell: no chance to clean up
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    foundation = cell / "foundation" / "model.safetensors"
+    ref_eval = cell / "eval" / "reference" / "eval.json"
+    assert foundation.exists() and ref_eval.exists()
+    assert not (cell / "result.json").exists() and not (cell / "align" / "align.json").exists()
+    mtimes = {f: f.stat().st_mtime_ns for f in (foundation, ref_eval)}
+
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    assert "1 cell(s): 1 to run, 0 skipped" in log  # not finished, so not skipped
+    # what the killed run saved is taken up, not made again
+    assert "critic nav1d__full__s0: loaded" in log
+    assert "foundation: loaded" in log and "foundation: training" not in log
+    assert all(f.stat().st_mtime_ns == m for f, m in mtimes.items())
+    res = json.loads((cell / "result.json").read_text())
+    assert [s["method"] for s in res["align"]["stages"]] == ["rl"]
+    assert res["reference"] == json.loads(ref_eval.read_text())["normalized"]
+    (row,) = _rows(out / "table2.csv")
+    assert float(row["aligned_mean"]) == res["aligned"]
 
 
 def _result(out, suite, task, model, process, seed, ref, ali, selection=None):
@@ -240,8 +352,8 @@ def test_sizes_are_recipe_overrides():
     from diffalign.bench.grid import BenchSizes, parse_sizes, suite_recipe
     from diffalign.recipes import NAV1D_PRESETS, SIM_PRESETS
 
-    size = parse_sizes("rl_kl=0.25,max_iters=3,candidates=5,denoise_steps=0")
-    assert (size.recipe.rl_kl, size.recipe.max_iters, size.candidates) == (0.25, 3, 5)
+    size = parse_sizes("rl_kl=0.25,max_updates=3,candidates=5,denoise_steps=0")
+    assert (size.recipe.rl_kl, size.recipe.max_updates, size.candidates) == (0.25, 3, 5)
     assert size.recipe.denoise_steps is None  # 0: the process's own
     # a cell is the suite's preset without the reference@N stage
     assert suite_recipe("nav1d") == replace(NAV1D_PRESETS["default"], ref_candidates=0)

@@ -404,6 +404,20 @@ def _bandit(n: int = 2000, seed: int = 0) -> Episodes:
                                 timeouts=np.zeros(n), next_observations=obs)
 
 
+def _expectile(x: np.ndarray, tau: float) -> float:
+    """The ``tau``-expectile of a sample: the root of ``Σ |tau − 1(x < m)| (x − m) = 0``,
+    by bisection (independent of the critic's loss code)."""
+    lo, hi = float(x.min()), float(x.max())
+    for _ in range(100):
+        m = (lo + hi) / 2
+        d = x - m
+        if float(np.sum(np.where(d > 0, tau, 1 - tau) * d)) > 0:
+            lo = m
+        else:
+            hi = m
+    return (lo + hi) / 2
+
+
 def test_max_backup_values_the_best_action_where_the_expectile_does_not():
     eps = _bandit()
     kw = dict(hidden=64, depth=2, steps=400, batch_size=256, lr=3e-3, log_every=1000,
@@ -414,12 +428,22 @@ def test_max_backup_values_the_best_action_where_the_expectile_does_not():
                                             backup_proposals="grid", backup_select="first",
                                             backup_bf16=True, **kw), progress=False)
     c_iql = train_critic(eps, CriticConfig(expectile=0.7, **kw), progress=False)
+    grid = torch.linspace(-1, 1, 201)
     with torch.no_grad():
-        v_max, v_grid, v_iql = c_max.v(obs), c_grid.v(obs), c_iql.v(obs)
-    # max_a −(a − 0.5)² = 0; the 0.7-expectile over uniform actions is about −0.35
-    assert float(v_max.mean()) > -0.05, float(v_max.mean())
-    assert float(v_grid.mean()) > -0.05, float(v_grid.mean())
-    assert float(v_iql.mean()) < -0.2, float(v_iql.mean())
+        v_max, v_grid, v_iql = (float(c.v(obs).mean()) for c in (c_max, c_grid, c_iql))
+        # each critic's own max over a dense grid of actions, found apart from its backup
+        dense = [float(torch.stack([c.q_target_min(obs, a.expand(len(obs), 1)) for a in grid],
+                                   1).amax(1).mean()) for c in (c_max, c_grid)]
+    # max_a −(a − 0.5)² = 0 exactly; a max backup must reach it from neither side (a max over
+    # noisy Q's overestimates, too few proposals underestimate; 32 uniform draws are short
+    # of it by E[min_j (a_j − 0.5)²] ≈ 2 / (33 · 34) ≈ 0.002)
+    for v, d in zip((v_max, v_grid), dense):
+        assert abs(v - 0.0) < 0.02, (v_max, v_grid)
+        assert abs(v - d) < 0.02, (v, d)
+    # IQL's V is the 0.7-expectile of Q over the data's actions: here of the rewards
+    want = _expectile(eps.rewards, 0.7)
+    assert want == pytest.approx(-0.384, abs=0.01)
+    assert abs(v_iql - want) < 0.02, (v_iql, want)
 
 
 # ------------------------------------------------------------------ data
@@ -472,16 +496,84 @@ def test_short_training_ranks_optimal_action_above_random(tmp_path):
     assert not np.array_equal(s1, a)
 
 
+class _Killed(Exception):
+    """Stands for the process being killed between two checkpoints."""
+
+
+def _count_training_steps(monkeypatch, cls, kill_at: int | None = None) -> list:
+    """Count the optimiser steps of ``cls`` critics (loss calls with gradients on, so the
+    evaluation's loss calls do not count); with ``kill_at`` raise :class:`_Killed` after that
+    many steps, before the step's checkpoint could be written."""
+    calls: list = []
+    loss, update = cls.loss, cls.update_target
+
+    def counting_loss(self, batch):
+        if torch.is_grad_enabled():
+            calls.append(1)
+        return loss(self, batch)
+
+    def killing_update(self, tau=None):
+        update(self, tau)
+        if kill_at is not None and len(calls) == kill_at:
+            raise _Killed
+
+    monkeypatch.setattr(cls, "loss", counting_loss)
+    monkeypatch.setattr(cls, "update_target", killing_update)
+    return calls
+
+
 @pytest.mark.parametrize("ensemble", [1, 2])
-def test_resume_is_bit_identical(tmp_path, ensemble):
+def test_killed_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, ensemble):
+    # a fresh run with the same seed reaches the same weights, so bit-identity alone cannot
+    # tell a resume from a retraining: count the steps the resumed run takes
     eps = _nav1d(10)
-    cfg = dict(hidden=16, batch_size=32, log_every=5, ckpt_every=5, device="cpu",
+    cfg = dict(hidden=16, batch_size=32, log_every=1, ckpt_every=5, device="cpu",
                ensemble=ensemble)
+    cls = CriticEnsemble if ensemble > 1 else IQLCritic
     full = train_critic(eps, CriticConfig(steps=20, **cfg), tmp_path / "a", progress=False)
-    train_critic(eps, CriticConfig(steps=10, **cfg), tmp_path / "b", progress=False)
-    resumed = train_critic(eps, CriticConfig(steps=20, **cfg), tmp_path / "b", progress=False)
+    with monkeypatch.context() as m:
+        calls = _count_training_steps(m, cls, kill_at=8)
+        with pytest.raises(_Killed):
+            train_critic(eps, CriticConfig(steps=20, **cfg), tmp_path / "b", progress=False)
+        assert len(calls) == 8
+    assert not (tmp_path / "b" / "config.json").exists()  # killed before the end
+    with monkeypatch.context() as m:
+        calls = _count_training_steps(m, cls)
+        resumed = train_critic(eps, CriticConfig(steps=20, **cfg), tmp_path / "b",
+                               progress=False)
+        assert len(calls) == 15  # steps 6..20: the checkpoint of step 5 was its start
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+    # the log holds each step once: what the killed run logged after step 5 was dropped
+    from diffalign.train.logging import read_metrics
+
+    steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == list(range(1, 21))
+    # a finished run asked for more steps continues from its end
+    with monkeypatch.context() as m:
+        calls = _count_training_steps(m, cls)
+        train_critic(eps, CriticConfig(steps=23, **cfg), tmp_path / "b", progress=False)
+        assert len(calls) == 3
+
+
+def test_critic_command_resumes_instead_of_retraining(tmp_path, monkeypatch, capsys):
+    from diffalign.commands.critic import CriticArgs, critic_main
+
+    def args(steps):
+        return CriticArgs(out=tmp_path / "c", task="nav1d/full", episodes=8, steps=steps,
+                          hidden=16, batch_size=16, device="cpu", progress=False)
+
+    calls = _count_training_steps(monkeypatch, IQLCritic)
+    critic_main(args(4))
+    assert len(calls) == 4
+    calls.clear()
+    critic_main(args(4))  # finished: nothing to train again
+    assert calls == []
+    critic_main(args(7))
+    assert len(calls) == 3
+    # the steps taken in total are the saved state's
+    state = json.loads((tmp_path / "c" / "train_state" / "state.json").read_text())
+    assert state["step"] == 7
 
 
 def test_critic_command_smoke(tmp_path, capsys):

@@ -94,7 +94,7 @@ def test_lora_alignment_step_on_cuda(task):
     before = [p.detach().clone() for p in lora_parameters(net)]
     frozen = {k: v.clone() for k, v in net.get_base_model().state_dict().items()
               if "lora_" not in k}
-    method = RLMethod(setup, net, RLConfig(algo="qvpg", states_per_iter=8, group_size=4),
+    method = RLMethod(setup, net, RLConfig(algo="qvpg", states_per_update=8, group_size=4),
                       torch.Generator().manual_seed(0))
     method.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, lora_parameters(net)))

@@ -212,3 +212,37 @@ def test_fused_lora_forward_defers_to_peft_when_dtypes_differ():
     assert _fusable(conv, (), {})
     conv.base_layer.double()  # e.g. a base in another precision than its fp32 adapter
     assert not _fusable(conv, (), {})
+
+
+@pytest.mark.parametrize("kind", ["unet", "mlp"])
+def test_adapter_fixed_folds_once_with_the_same_values_and_gradients(kind):
+    from diffalign.align.lora import FusedLoraLinear, adapter_fixed, reference_copy
+
+    lnet = add_lora(_net(kind), r=4)
+    _perturb(lnet)
+    x, t = _inputs()
+
+    def chain():  # three calls on one adapter, as a sampling chain makes them
+        for p in lora_parameters(lnet):
+            p.grad = None
+        with torch.no_grad():
+            y = lnet(x, t)  # a no-gradient call first: its fold must not serve the next ones
+        for _ in range(3):
+            y = lnet(x + 0.1 * y, t)
+        y.square().sum().backward()
+        return y.detach(), [p.grad.clone() for p in lora_parameters(lnet)]
+
+    y_plain, g_plain = chain()
+    with adapter_fixed(lnet):
+        y_fixed, g_fixed = chain()
+        linear = next(m for m in lnet.modules() if isinstance(m, FusedLoraLinear))
+        assert set(linear._fixed) == {False, True}  # one fold per grad mode
+    assert all(m._fixed is None for m in lnet.modules() if isinstance(m, FusedLoraLinear))
+    torch.testing.assert_close(y_fixed, y_plain, atol=1e-6, rtol=1e-6)
+    for a, b in zip(g_fixed, g_plain, strict=True):
+        assert float(b.abs().sum()) > 0
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-4)
+    ref = reference_copy(lnet)  # the base weights as a plain frozen module
+    with torch.no_grad(), reference(lnet):
+        assert torch.equal(ref(x, t), lnet(x, t))
+    assert all(not p.requires_grad for p in ref.parameters())

@@ -128,10 +128,10 @@ def test_penalty_lowers_q_only_off_support_and_points_back(data, bands):
 
 
 def _align_cfg(pessimism):
-    seq = SequenceConfig(methods=("rl",), passes=1, max_iters=30, eval_every=5, patience=10)
+    seq = SequenceConfig(methods=("rl",), passes=1, max_updates=30, eval_every=5, patience=10)
     seq = dataclasses.replace(seq, guard=dataclasses.replace(seq.guard, support_frac=1.0))
     return AlignConfig(sequence=seq, conditions=128, val_conditions=32, cascade=None,
-                       rl=RLConfig(lr=3e-3, kl_coef=0.0, states_per_iter=32, group_size=1),
+                       rl=RLConfig(lr=3e-3, kl_coef=0.0, states_per_update=32, group_size=1),
                        pessimism=pessimism, final=FinalStageConfig(states=64), seed=0)
 
 

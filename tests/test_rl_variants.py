@@ -115,7 +115,7 @@ VARIANTS = {
 def test_each_rl_variant_raises_reward(setup, variant):
     s, net = setup
     ref_reward, _ = validation_reward(s, net=net)
-    m = RLMethod(s, net, RLConfig(states_per_iter=16, group_size=8, lr=3e-3, kl_coef=0.0,
+    m = RLMethod(s, net, RLConfig(states_per_update=16, group_size=8, lr=3e-3, kl_coef=0.0,
                                   **VARIANTS[variant]), torch.Generator().manual_seed(0))
     ks = set()
     for _ in range(12):
@@ -144,7 +144,7 @@ def test_credit_step_scales_multiply_to_the_weights():
 def test_qvpg_credit_on_last_step_equals_truncation_k1(setup):
     s, net = setup
     _perturb_adapter(net)
-    base = dict(algo="qvpg", states_per_iter=8, group_size=4, kl_coef=0.0, lr=1e-3,
+    base = dict(algo="qvpg", states_per_update=8, group_size=4, kl_coef=0.0, lr=1e-3,
                 max_grad_norm=1e9)
     want = _one_step_grads(s, net, RLConfig(grad_last_k=1, **base))
 
@@ -180,7 +180,7 @@ def test_ppo_credit_all_ones_equals_unweighted(setup):
         b = policy_gradient_loss(logp, adv, lp_old)["loss"]
         assert a.item() == pytest.approx(b.item(), abs=1e-7)
     assert credit_decreasing(5, gamma=1.0).tolist() == [1.0] * 5
-    base = dict(algo="ppo", states_per_iter=8, group_size=4, kl_coef=0.0, ppo_epochs=1,
+    base = dict(algo="ppo", states_per_update=8, group_size=4, kl_coef=0.0, ppo_epochs=1,
                 max_grad_norm=1e9)
     want = _one_step_grads(s, net, RLConfig(**base))
     got = _one_step_grads(s, net, RLConfig(credit="decreasing", credit_gamma=1.0, **base))
@@ -233,7 +233,7 @@ def test_entropy_bonus_keeps_candidates_diverse(trained, algo, coef):
         s = AlignSetup(model=model, critic=freeze(TargetActionCritic()), states=states,
                        val_states=val, steps=5, episodes=episodes)
         ref = validation_reward(s, net=net)[0]
-        m = RLMethod(s, net, RLConfig(algo=algo, states_per_iter=16, group_size=8, lr=3e-3,
+        m = RLMethod(s, net, RLConfig(algo=algo, states_per_update=16, group_size=8, lr=3e-3,
                                       kl_coef=0.0, entropy_coef=c),
                      torch.Generator().manual_seed(0))
         for _ in range(10):
@@ -271,7 +271,7 @@ def _sft_case(s, net, monkeypatch, source: str, off_data_wins: bool, quantile: f
     a_off = float(model.actions_from_x(x_off[:1])[0, 0, 0])
     s = dataclasses.replace(s, states=obs, critic=freeze(TargetActionCritic(
         a_off if off_data_wins else -1e3)))
-    m = SFTMethod(s, net, SFTConfig(states_per_round=4, candidates=2, likelihood_source=source,
+    m = SFTMethod(s, net, SFTConfig(states_per_update=4, candidates=2, likelihood_source=source,
                                     likelihood_quantile=quantile), torch.Generator().manual_seed(0))
 
     def fake_sample(o, n=1, **kw):  # each drawn state's own two candidates
@@ -318,7 +318,7 @@ def test_sft_with_data_threshold_raises_reward(setup, search):
     s, net = setup
     ref_reward, _ = validation_reward(s, net=net)
     extra = dict(action_proposals=21, replay=96) if search else {}
-    m = SFTMethod(s, net, SFTConfig(states_per_round=32, candidates=8, lr=3e-3, epochs=6,
+    m = SFTMethod(s, net, SFTConfig(states_per_update=32, candidates=8, lr=3e-3, epochs=6,
                                     **extra), torch.Generator().manual_seed(0))
     for _ in range(5):
         stats = m.step()
@@ -358,7 +358,7 @@ def test_align_flags_reach_the_configs(tmp_path):
     base = _ckpt(tmp_path)
     a = tyro.cli(AlignArgs, args=base)
     assert RLConfig(**a.rl_overrides()) == dataclasses.replace(
-        RLConfig(), lr=1e-3, kl_coef=0.005, states_per_iter=32, group_size=8)
+        RLConfig(), lr=1e-3, kl_coef=0.005, states_per_update=32, group_size=8)
     assert a.sft_likelihood == "data"
     a = tyro.cli(AlignArgs, args=base + ["--rl-algo", "ppo", "--rl-credit", "x0_similarity",
                                          "--rl-entropy-coef", "0.2", "--sft-likelihood",

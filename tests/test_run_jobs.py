@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +15,57 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Whatever a test (or a SideJobs it failed inside) does to torch's thread count, the
+    tests after it in this worker run on the count they started with."""
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)
+
+
 def _fail(msg: str) -> None:
     raise ValueError(msg)
+
+
+def _signal_then_sleep(started: str, seconds: float) -> None:
+    """A job that says it runs (its pid in the file ``started``), then sleeps."""
+    import time
+
+    Path(started).write_text(str(os.getpid()))
+    time.sleep(seconds)
+
+
+def _wait_for_file(release: str, timeout: float) -> int:
+    """A job that stays busy until the file ``release`` exists; returns its pid."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not Path(release).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{release} never appeared")
+        time.sleep(0.01)
+    return os.getpid()
+
+
+def _wait_until(predicate, timeout: float = 30.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return _is_zombie(pid)
 
 
 def test_disabled_side_jobs_run_each_job_at_once_here():
@@ -28,7 +78,7 @@ def test_disabled_side_jobs_run_each_job_at_once_here():
 
 
 def test_side_jobs_run_in_another_process_with_one_thread_each():
-    before = _threads()
+    torch.set_num_threads(2)  # what a run starts with on the README's two cores
     with SideJobs(True) as jobs:
         assert _threads() == 1  # this process gives up its second thread meanwhile
         pid, threads = jobs.submit(os.getpid), jobs.submit(_threads)
@@ -36,48 +86,44 @@ def test_side_jobs_run_in_another_process_with_one_thread_each():
         assert pid.result() != os.getpid() and threads.result() == 1
         with pytest.raises(ValueError, match="bad value"):
             bad.result()
-    assert _threads() == before
+    assert _threads() == 2
 
 
-def test_side_jobs_stop_the_worker_when_the_main_process_fails():
+def test_side_jobs_stop_the_worker_when_the_main_process_fails(tmp_path):
     import time
 
+    started = tmp_path / "started"
     with pytest.raises(RuntimeError, match="main failed"):
         with SideJobs(True) as jobs:
-            jobs.submit(os.getpid).result()  # the worker is up
-            slow = jobs.submit(time.sleep, 60)
-            time.sleep(0.5)
+            slow = jobs.submit(_signal_then_sleep, str(started), 60)
+            assert _wait_until(started.exists), "the slow job never started"
+            worker = int(started.read_text())
             t0 = time.perf_counter()
             raise RuntimeError("main failed")
     assert time.perf_counter() - t0 < 30  # did not wait for the sleeping job
+    assert _wait_until(lambda: _gone(worker)), f"the worker {worker} still runs"
     # the stopped job ends as failed (the pool is broken), not as finished
     assert slow.exception(timeout=30) is not None
 
 
-def test_poll_gives_the_threads_back_only_when_the_worker_is_idle():
-    before = _threads()
+def test_main_process_keeps_one_thread_while_the_worker_lives(tmp_path):
+    # the main process's arithmetic must not depend on whether the worker is idle: it runs
+    # on one thread from the worker's start to its end, then gets its threads back
     torch.set_num_threads(2)
-    try:
-        _poll_gives_the_threads_back()
-    finally:  # later tests run on the suite's one thread again
-        torch.set_num_threads(before)
-
-
-def _poll_gives_the_threads_back():
-    import time
-
+    release = tmp_path / "release"
     with SideJobs(True) as jobs:
-        jobs.submit(os.getpid).result()  # the worker is up
         assert _threads() == 1
+        jobs.submit(os.getpid).result()  # the worker is up and idle
         jobs.poll()
-        assert _threads() == 2  # nothing running: both threads back
-        busy = jobs.submit(time.sleep, 1.0)
         assert _threads() == 1
+        busy = jobs.submit(_wait_for_file, str(release), 60)
         jobs.poll()
-        assert _threads() == 1  # the worker is busy: still one
-        busy.result()
+        assert _threads() == 1 and not busy.done()
+        release.write_text("go")
+        busy.result(timeout=60)
         jobs.poll()
-        assert _threads() == 2
+        assert _threads() == 1
+    assert _threads() == 2
     with SideJobs(False) as jobs:  # no worker: threads are never touched
         jobs.submit(os.getpid)
         jobs.poll()
@@ -99,7 +145,6 @@ def test_worker_dies_with_a_main_process_killed_by_a_signal():
     import signal
     import subprocess
     import sys
-    import time
 
     main = subprocess.Popen([sys.executable, "-c", _KILLED_MAIN], stdout=subprocess.PIPE,
                             text=True)
@@ -108,16 +153,7 @@ def test_worker_dies_with_a_main_process_killed_by_a_signal():
         os.kill(worker, 0)  # alive, sleeping in its job
         main.send_signal(signal.SIGKILL)  # no chance to stop its pool
         main.wait(timeout=30)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                os.kill(worker, 0)
-            except ProcessLookupError:
-                break  # gone
-            if _is_zombie(worker):
-                break
-            time.sleep(0.2)
-        else:
+        if not _wait_until(lambda: _gone(worker)):
             os.kill(worker, signal.SIGKILL)
             pytest.fail("the worker outlived its killed main process")
     finally:

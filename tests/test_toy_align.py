@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from diffalign.align.lora import lora_parameters, reference
+from diffalign.align.lora import (
+    add_lora,
+    lora_parameters,
+    merged_copy,
+    reference,
+    reference_copy,
+)
+from diffalign.align.rl import qvpg_rollout, smallest_noisy_std, transition_kl
 from diffalign.cli import main
 from diffalign.toy import ToyConfig, make_process, toy_data, train_toy_model
 from diffalign.toy_align import (
     REWARDS,
-    MergedLoRA,
-    _kl_step,
     best_mode_reward,
     data_log_density,
     gain_pct,
@@ -23,7 +28,6 @@ from diffalign.toy_align import (
     reward_diagonal,
     reward_right,
     reward_top,
-    transition_stds,
 )
 
 STEPS = 10  # sampling steps in these tests (tiny)
@@ -102,27 +106,75 @@ def test_qvpg_raises_every_reward_and_changes_only_the_adapter(foundation):
     assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
 
 
-def test_kl_gradient_reaches_the_adapter_only(foundation):
+def _adapted(net, moved: bool):
+    """A LoRA-wrapped copy of ``net``: at its reference (B = 0), or with random B (moved)."""
+    model = add_lora(copy.deepcopy(net), r=4, alpha=8.0)
+    if moved:
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_kl_gradient_is_zero_at_the_reference_and_pulls_a_moved_adapter(foundation):
     process, net = foundation
-    model, _ = qvpg_align(net, process, reward_top, iters=3, batch=16, steps=STEPS)
-    fast = MergedLoRA(model)
-    x, t = torch.randn(16, 1, 2), torch.rand(16)
-    with torch.no_grad(), reference(model):
-        ref = model(x, t)
-    assert torch.equal(fast.reference(x, t), ref)  # the reference = the adapter disabled
-    assert torch.equal(ref, net(x, t))
-    assert torch.allclose(fast(x, t), model(x, t), atol=1e-5)
     kl_proc = process.stochastic_variant()
-    stds = [s for s in transition_stds(kl_proc, STEPS, x.device) if s > 0]
-    kl = _kl_step(fast, kl_proc, x, 0.5, 0.4, min(stds))
-    model.zero_grad(set_to_none=True)
-    kl.sum().backward()
-    assert all(p.grad is not None for p in lora_parameters(model))
-    # not silently inert: after 3 updates the adapter differs from the reference, and the KL
-    # pulls on it (a nonzero gradient on the trained adapter)
-    assert float(kl.sum()) > 0
-    assert sum(float(p.grad.abs().sum()) for p in lora_parameters(model)) > 0
-    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+    x = torch.randn(16, 1, 2, generator=torch.Generator().manual_seed(0))
+
+    def kl_and_grads(model, ref_net=None):
+        model.zero_grad(set_to_none=True)
+        kl = transition_kl(kl_proc, model, x, 0.5, 0.4, ref_net=ref_net)
+        kl.sum().backward()
+        return kl.detach(), [p.grad for p in lora_parameters(model)]
+
+    at_ref = _adapted(net, moved=False)
+    kl, grads = kl_and_grads(at_ref)
+    assert torch.equal(kl, torch.zeros(16))  # B = 0: the model is its reference, exactly
+    assert grads and all(g is not None and int(torch.count_nonzero(g)) == 0 for g in grads)
+    moved = _adapted(net, moved=True)
+    kl, grads = kl_and_grads(moved)
+    assert bool((kl > 0).all())
+    assert all(float(g.abs().sum()) > 0 for g in grads)  # every adapter matrix is pulled
+    assert all(p.grad is None for n, p in moved.named_parameters() if "lora_" not in n)
+    # the reference copy is the adapter-disabled model (the foundation), and gives the same KL
+    ref = reference_copy(moved)
+    t = torch.rand(16)
+    with torch.no_grad(), reference(moved):
+        expected = moved(x, t)
+    assert torch.equal(ref(x, t), expected) and torch.equal(expected, net(x, t))
+    kl_copy, grads_copy = kl_and_grads(moved, ref_net=ref)
+    assert torch.equal(kl_copy, kl)
+    assert all(torch.equal(a, b) for a, b in zip(grads_copy, grads, strict=True))
+
+
+def test_a_kl_step_leaves_the_base_weights_bit_identical(foundation):
+    process, net = foundation
+    model = _adapted(net, moved=True)
+    base = {n: v.detach().clone() for n, v in model.state_dict().items() if "lora_" not in n}
+    adapter = [p.detach().clone() for p in lora_parameters(model)]
+    opt = torch.optim.Adam(lora_parameters(model), lr=1e-3)
+    kl_proc = process.stochastic_variant()
+    floor = smallest_noisy_std(kl_proc, STEPS, torch.zeros(1, 1, 2))
+
+    def kl_of_chain():  # the library's QV-PG chain, KL only, from the same noise each call
+        g = torch.Generator().manual_seed(3)
+        _, kl = qvpg_rollout(process, model, torch.randn(16, 1, 2, generator=g), STEPS, 3, g,
+                             fast=merged_copy(model), kl_process=kl_proc, kl_chain_steps=4,
+                             kl_std_floor=floor)
+        return kl.mean()
+
+    kl = kl_of_chain()
+    opt.zero_grad(set_to_none=True)
+    kl.backward()
+    opt.step()
+    after = model.state_dict()
+    assert all(torch.equal(after[n], v) for n, v in base.items())
+    assert all(not torch.equal(p, a) for p, a in zip(lora_parameters(model), adapter,
+                                                     strict=True))
+    # the step moved the adapter toward the reference
+    assert float(kl_of_chain().detach()) < float(kl.detach())
 
 
 @pytest.mark.parametrize("process", ["ddim", "sm"])

@@ -48,8 +48,8 @@ class CascadeConfig:
     """Shared prefix of the horizon for "inpaint" pairs."""
     branches: int = 8
     """Continuations per shared latent; the best by R is x_hi."""
-    states_per_round: int = 32
-    """Conditions per round of pair generation."""
+    states_per_update: int = 32
+    """Conditions per update (one round of pair generation)."""
     rounds: int = 6
     """Rounds of pair generation."""
     steps_per_round: int = 25
@@ -134,7 +134,7 @@ def cascade_pairs(setup: AlignSetup, net: nn.Module, cfg: CascadeConfig,
     """Consistent pairs ``(x_lo, x_hi, obs)`` from the aligned ``net``."""
     model = setup.model
     proc = model.process.stochastic_variant()
-    obs = setup.draw_states(cfg.states_per_round, generator)
+    obs = setup.draw_states(cfg.states_per_update, generator)
     steps = setup.steps or model.process.default_steps
     n = cfg.branches
     cond, inpaint, shape = expand_condition(model, obs, 1)

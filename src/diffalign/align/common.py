@@ -11,10 +11,10 @@ from torch import Tensor, nn
 from ..processes import Inpaint
 from ..train.trainer import adam
 
-__all__ = ["AdapterMethod", "AlignSetup", "MethodConfig", "condition_pool", "diversity_bonus",
-           "expand_condition", "fraction_below", "freeze", "outside_support",
-           "reference_likelihood", "reward_spread", "support_floor", "validation_draw",
-           "validation_reward"]
+__all__ = ["RENAMED_FIELDS", "AdapterMethod", "AlignSetup", "MethodConfig", "condition_pool",
+           "diversity_bonus", "expand_condition", "fraction_below", "freeze", "outside_support",
+           "reference_likelihood", "renamed_fields", "reward_spread", "support_floor",
+           "validation_draw", "validation_reward"]
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -66,13 +66,38 @@ def diversity_bonus(x0: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
     return torch.log(mean_d + eps).reshape(-1)
 
 
+RENAMED_FIELDS: dict[str, dict[str, str]] = {
+    "sequence": {"max_iters": "max_updates"},
+    "rl": {"states_per_iter": "states_per_update"},
+    "dpo": {"states_per_iter": "states_per_update"},
+    "sft": {"states_per_round": "states_per_update"},
+    "cascade": {"states_per_round": "states_per_update"},
+}
+"""Fields of :class:`~diffalign.align.runner.AlignConfig`'s sections under the other names
+that run directories written by earlier versions hold (``align.json``'s ``"config"``, the
+resume fingerprint of ``progress/state.json``): section -> {old name: name}."""
+
+
+def renamed_fields(config: dict, to_old: bool = False) -> dict:
+    """An AlignConfig as a dict (``asdict``, or ``align.json``'s ``"config"``) with the
+    fields of :data:`RENAMED_FIELDS` under their names; ``to_old``: under the old names (to
+    recognise what was saved under them). Other entries are kept as they are."""
+    out = dict(config)
+    for section, names in RENAMED_FIELDS.items():
+        if not isinstance(out.get(section), dict):
+            continue
+        mapping = {new: old for old, new in names.items()} if to_old else names
+        out[section] = {mapping.get(k, k): v for k, v in out[section].items()}
+    return out
+
+
 @dataclass
 class MethodConfig:
     """What every alignment method's config has."""
 
     max_updates: int | None = None
     """Cap on this method's updates in one pass of the sequence (None: the sequence's
-    ``max_iters``)."""
+    ``max_updates``)."""
     eval_every: int | None = None
     """Updates between this method's validations (None: the sequence's ``eval_every``).
     Cheap updates (an RL step) can validate less often than dear ones (an SFT round)."""

@@ -85,7 +85,7 @@ class DPOConfig(MethodConfig):
     """Inverse temperature β of the preference model (Diffusion-DPO uses O(10³))."""
     weighting: Literal["constant", "min_snr"] = "constant"
     """SNR weighting w(t) of the per-pair term."""
-    states_per_iter: int = 32
+    states_per_update: int = 32
     """Conditions (pairs) per update."""
     candidates: int = 8
     """Samples per condition; the best and the worst by R form the pair."""
@@ -176,10 +176,10 @@ class DPOMethod(AdapterMethod):
         cfg, n = self.cfg, self.cfg.candidates
         if self._data_pairs is not None:
             d = self._data_pairs
-            i = torch.randint(0, len(d["gap"]), (cfg.states_per_iter,), generator=self.gen)
+            i = torch.randint(0, len(d["gap"]), (cfg.states_per_update,), generator=self.gen)
             i = i.to(d["gap"].device)
             return d["x_w"][i], d["x_l"][i], d["obs"][i], float(d["gap"][i].mean())
-        obs = self.setup.draw_states(cfg.states_per_iter, self.gen)
+        obs = self.setup.draw_states(cfg.states_per_update, self.gen)
         gen_net = self.ref if cfg.pair_source == "reference" else self.net
         out = self.model.sample(obs, n=n, generator=self.gen, steps=self.setup.steps,
                                 net=gen_net)

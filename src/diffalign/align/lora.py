@@ -26,9 +26,10 @@ from torch import nn
 from ..atomic import write_json
 from ..train.checkpoint import CheckpointError, load_tensors, save_tensors
 
-__all__ = ["FusedLoraConv1d", "FusedLoraLinear", "ReferenceView", "add_lora", "fuse_lora_forward",
-           "is_lora", "load_adapter", "lora_parameters", "lora_target_modules", "merge_lora",
-           "merged_copy", "reference", "refresh_merged", "remove_lora", "save_adapter"]
+__all__ = ["FusedLoraConv1d", "FusedLoraLinear", "ReferenceView", "adapter_fixed", "add_lora",
+           "fuse_lora_forward", "is_lora", "load_adapter", "lora_parameters",
+           "lora_target_modules", "merge_lora", "merged_copy", "reference", "reference_copy",
+           "refresh_merged", "remove_lora", "save_adapter"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -76,6 +77,40 @@ def _delta_weight(layer) -> torch.Tensor | None:
     return delta
 
 
+def _effective_weight(layer) -> torch.Tensor:
+    """``W + Σ scaling · B A`` of a fused layer; inside :func:`adapter_fixed`, computed once
+    per grad mode and reused (a result made under no_grad carries no gradient, so the two
+    modes are kept apart)."""
+    fixed, grad = layer._fixed, torch.is_grad_enabled()
+    if fixed is not None and grad in fixed:
+        return fixed[grad]
+    delta = _delta_weight(layer)
+    weight = layer.base_layer.weight if delta is None else layer.base_layer.weight + delta
+    if fixed is not None:
+        fixed[grad] = weight
+    return weight
+
+
+@contextlib.contextmanager
+def adapter_fixed(net: nn.Module):
+    """Inside this block ``net``'s fused LoRA layers fold their adapter into the weight once
+    and reuse it, for blocks in which the adapter does not change (the forward passes of one
+    update; the backward may come after the block).
+
+    A chain of S sampling steps otherwise folds every layer S times, and backpropagates
+    through each fold: on the 2-D toy's MLP that was a third of a QV-PG update.
+    """
+    layers = [m for m in net.modules()
+              if isinstance(m, (FusedLoraConv1d, FusedLoraLinear)) and m._fixed is None]
+    for m in layers:
+        m._fixed = {}
+    try:
+        yield net
+    finally:
+        for m in layers:
+            del m._fixed
+
+
 def _fusable(layer, args, kwargs) -> bool:
     """Whether the fused forward computes what peft's would: plain LoRA (no dropout, no DoRA or
     other variant) in the base layer's dtype, adapter on and not merged, no extra call
@@ -102,26 +137,26 @@ class FusedLoraConv1d(_peft_layer_classes()[0]):
     """peft's LoRA Conv1d, run as one convolution with the effective weight (see the module
     docstring); peft's own forward where that would differ."""
 
+    _fixed: dict | None = None  # the effective weights inside adapter_fixed, by grad mode
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer
         lora_b = [self.lora_B[n].weight for n in self.active_adapters if n in self.lora_B]
         if (not _fusable(self, args, kwargs) or base.groups != 1
                 or any(w.shape[2:].numel() != 1 for w in lora_b)):
             return super().forward(x, *args, **kwargs)
-        delta = _delta_weight(self)
-        return base._conv_forward(x, base.weight if delta is None else base.weight + delta,
-                                  base.bias)
+        return base._conv_forward(x, _effective_weight(self), base.bias)
 
 
 class FusedLoraLinear(_peft_layer_classes()[1]):
     """peft's LoRA Linear, run as one linear map with the effective weight."""
 
+    _fixed: dict | None = None  # the effective weights inside adapter_fixed, by grad mode
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not _fusable(self, args, kwargs) or self.fan_in_fan_out:
             return super().forward(x, *args, **kwargs)
-        base, delta = self.base_layer, _delta_weight(self)
-        return nn.functional.linear(x, base.weight if delta is None else base.weight + delta,
-                                    base.bias)
+        return nn.functional.linear(x, _effective_weight(self), self.base_layer.bias)
 
 
 def fuse_lora_forward(net: nn.Module) -> nn.Module:
@@ -263,6 +298,14 @@ def merged_copy(net: nn.Module) -> nn.Module:
     for p in plain.parameters():
         p.requires_grad_(False)
     return refresh_merged(plain, net)
+
+
+def reference_copy(net: nn.Module) -> nn.Module:
+    """A frozen plain copy of ``net``'s reference (the base weights, adapter disabled): the
+    same function as ``net`` inside :func:`reference`, without peft's switching of every
+    layer on each call (most of a small network's reference call)."""
+    with reference(net):
+        return merged_copy(net)
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import torch
 from ..atomic import write_json
 from ..train.checkpoint import CheckpointError, load_tensors, save_tensors
 from .cascade import CascadeConfig, CascadeModel, build_refiner, train_cascade
-from .common import AlignSetup, condition_pool, freeze, validation_reward
+from .common import AlignSetup, condition_pool, freeze, renamed_fields, validation_reward
 from .conditions import RolloutConditions, mix_rollout_states
 from .dpo import DPOConfig
 from .final_stage import FinalStageConfig, choose_final, choose_from_table, heldout_rewards
@@ -166,7 +166,8 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
 
     progress_dir = None if out_dir is None or online is not None else Path(out_dir) / "progress"
     fingerprint = _fingerprint(cfg, model)
-    resume = None if progress_dir is None else _load_boundary(progress_dir, fingerprint)
+    resume = None if progress_dir is None else _load_boundary(
+        progress_dir, fingerprint, _fingerprint(cfg, model, old_names=True))
     if resume is not None:  # the finished stages again, for their callbacks, in order; the
         # adapter ends as the last one's
         for st in resume["stages"]:
@@ -247,11 +248,15 @@ def _load_or_train(name: str, episodes, train_cfg, out_dir, progress: bool, devi
                  progress=progress)
 
 
-def _fingerprint(cfg: AlignConfig, model) -> str:
-    """A hash of the settings a resumed sequence must share with the one it continues."""
+def _fingerprint(cfg: AlignConfig, model, old_names: bool = False) -> str:
+    """A hash of the settings a resumed sequence must share with the one it continues;
+    ``old_names``: with the renamed fields under their old names
+    (:func:`~diffalign.align.common.renamed_fields`), as a boundary saved by an earlier
+    version recorded it."""
     import hashlib
 
-    text = json.dumps({"config": asdict(cfg), "spec": model.spec.to_dict()}, sort_keys=True,
+    config = renamed_fields(asdict(cfg), to_old=True) if old_names else asdict(cfg)
+    text = json.dumps({"config": config, "spec": model.spec.to_dict()}, sort_keys=True,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -265,14 +270,15 @@ def _save_boundary(where: Path, state: dict, fingerprint: str) -> None:
     write_json(where / "state.json", {**state, "fingerprint": fingerprint})
 
 
-def _load_boundary(where: Path, fingerprint: str) -> dict | None:
-    """The last stage boundary saved in ``where``, or None."""
+def _load_boundary(where: Path, fingerprint: str, *also: str) -> dict | None:
+    """The last stage boundary saved in ``where``, or None; its fingerprint must be
+    ``fingerprint`` or one of ``also``."""
     from ..errors import UserError
 
     if not (where / "state.json").exists():
         return None
     state = json.loads((where / "state.json").read_text())
-    if state.pop("fingerprint", None) != fingerprint:
+    if state.pop("fingerprint", None) not in (fingerprint, *also):
         raise UserError(f"{where.parent} holds an unfinished alignment with other settings: "
                         f"it cannot be resumed; use a new output directory or delete "
                         f"{where.parent}")

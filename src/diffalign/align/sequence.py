@@ -42,7 +42,7 @@ class SequenceConfig:
     """Methods in order (any of rl, dpo, sft)."""
     passes: int = 2
     """Maximum passes over the methods."""
-    max_iters: int = 40
+    max_updates: int = 40
     """Maximum updates of one method in one pass (a method's own ``max_updates`` overrides
     it)."""
     eval_every: int = 4
@@ -63,8 +63,8 @@ class SequenceConfig:
         if bad or not self.methods:
             raise ValueError(f"unknown alignment method(s) {bad or self.methods}; choose from "
                              f"{METHODS}")
-        if self.passes < 1 or self.max_iters < 1 or self.eval_every < 1 or self.patience < 1:
-            raise ValueError(f"passes={self.passes}, max_iters={self.max_iters}, eval_every="
+        if self.passes < 1 or self.max_updates < 1 or self.eval_every < 1 or self.patience < 1:
+            raise ValueError(f"passes={self.passes}, max_updates={self.max_updates}, eval_every="
                              f"{self.eval_every}, patience={self.patience} must all be >= 1")
 
 
@@ -164,7 +164,7 @@ def run_sequence(setup: AlignSetup, net, seq: SequenceConfig, cfgs: dict | None 
             stage_best = guard.best_reward
             stale, history, it = 0, [], 0
             every = method.cfg.eval_every or seq.eval_every
-            bar = tqdm(range(method.cfg.max_updates or seq.max_iters), desc=f"align/{name}",
+            bar = tqdm(range(method.cfg.max_updates or seq.max_updates), desc=f"align/{name}",
                        disable=not progress, leave=False)
             for it in bar:
                 if on_update is not None:

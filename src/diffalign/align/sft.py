@@ -35,8 +35,8 @@ __all__ = ["SFTConfig", "SFTMethod"]
 class SFTConfig(MethodConfig):
     """Filtered supervised fine-tuning."""
 
-    states_per_round: int = 64
-    """Conditions per round."""
+    states_per_update: int = 64
+    """Conditions per update (one round: sample, filter, train)."""
     candidates: int = 16
     """Samples per condition."""
     source: Literal["reference", "current"] = "current"
@@ -171,7 +171,7 @@ class SFTMethod(AdapterMethod):
     def winners(self):
         """Filtered winners ``x`` with their conditions, and round statistics."""
         cfg, n = self.cfg, self.cfg.candidates
-        obs = self.setup.draw_states(cfg.states_per_round, self.gen)
+        obs = self.setup.draw_states(cfg.states_per_update, self.gen)
         # sampling only: the current adapter folded into a copy is the same model, faster
         src = self.ref if cfg.source == "reference" else merged_copy(self.net)
         out = self.model.sample(obs, n=n, generator=self.gen, steps=self.setup.steps, net=src)

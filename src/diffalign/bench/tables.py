@@ -138,8 +138,11 @@ def _seeds_line(rows: list[dict]) -> str:
 
 
 def _size_note(results: list[dict], suite: str) -> str:
-    sizes = {json.dumps(r.get("sizes"), sort_keys=True) for r in results
-             if r["suite"] == suite}
+    from ..recipes.base import renamed_fields
+
+    sizes = {json.dumps(renamed_fields(r["sizes"]) if isinstance(r.get("sizes"), dict)
+                        else r.get("sizes"), sort_keys=True)
+             for r in results if r["suite"] == suite}
     if len(sizes) > 1:
         return ("\nNote: these cells were run with different sizes (quick and full runs in one "
                 "directory?); compare with care.\n")

@@ -53,7 +53,9 @@ class CriticArgs:
     depth: int = _DEFAULTS.depth
     """Hidden layers of the Q and V MLPs."""
     fourier_features: int = _DEFAULTS.fourier_features
-    """Random Fourier features of the inputs (0 = plain inputs)."""
+    """Random Fourier features of the inputs (0 = plain inputs). (experimental: 64 features at
+    --fourier-scale 0.5 / 3.0 gave a greedy policy of 82.6 / 77.6% of the optimum on
+    nav1d/full, 85.6% without)"""
     fourier_scale: float = _DEFAULTS.fourier_scale
     """Std of the Fourier frequencies."""
     expectile: float = _DEFAULTS.expectile

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-__all__ = ["Recipe", "with_overrides"]
+__all__ = ["RENAMED_FIELDS", "Recipe", "renamed_fields", "with_overrides"]
 
 
 @dataclass(frozen=True)
@@ -41,20 +41,20 @@ class Recipe:
     """Held-out states of the validation reward that keeps each stage's best adapter."""
     passes: int = 1
     """Maximum passes over the alignment methods."""
-    max_iters: int = 40
+    max_updates: int = 40
     """Maximum updates of one method in one pass."""
     eval_every: int = 4
     """Updates between validations."""
     patience: int = 3
     """Validations without gain before a method stops."""
     rl_updates: int | None = None
-    """Cap on RL's updates per pass, below ``max_iters``."""
+    """Cap on RL's updates per pass, below ``max_updates``."""
     rl_eval_every: int | None = None
     """Updates between RL's validations (its updates are cheap)."""
     dpo_updates: int | None = None
     """Cap on DPO's updates per pass."""
-    sft_rounds: int | None = None
-    """Cap on SFT's rounds per pass."""
+    sft_updates: int | None = None
+    """Cap on SFT's updates (rounds) per pass."""
     rl_states: int | None = None
     """RL: conditions per update (applied after the ``covered_*`` settings)."""
     rl_group: int | None = None
@@ -84,6 +84,10 @@ class Recipe:
     sft_likelihood: str = "data"
     """SFT: the OOD guard's quantile of the reference's likelihood of the dataset's windows
     ("data") or of the round's candidates ("current") (``SFTConfig.likelihood_source``)."""
+    sft_source: str = "current"
+    """SFT: which model proposes the candidates whose winners it trains on, "current" (the
+    adapter's own: each round starts where the last ended) or "reference" (SFT then distils
+    the reference's critic-ranked best of N and cannot drift past it)."""
     dpo_states: int | None = None
     """DPO: conditions per update."""
     dpo_candidates: int | None = None
@@ -111,6 +115,10 @@ class Recipe:
     """Candidates of the ``reference@N`` stage, ranked by the critic (0: no such stage)."""
     ref_eval_episodes: int = 16
     """Evaluation episodes of ``reference@N`` (N times dearer per decision)."""
+    select_episodes: int = 0
+    """Episodes in the environment from held-out starts (reset seeds apart from the
+    evaluation's) on which the final stage is chosen (docs/design.md §9); 0: chosen by the
+    critic on held-out dataset states instead."""
 
     # ---------------------------------------------------------------- models
     planner_state_cond: bool = False
@@ -186,7 +194,8 @@ class Recipe:
                              f"{self.covered_rollout_conditions}")
         for name, choices in (("rl_algo", ("qvpg", "ppo", "reinforce")),
                               ("rl_credit", ("none", "decreasing", "x0_similarity")),
-                              ("sft_likelihood", ("data", "current"))):
+                              ("sft_likelihood", ("data", "current")),
+                              ("sft_source", ("current", "reference"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"recipe {name} must be one of {', '.join(choices)}, got "
                                  f"{name}={getattr(self, name)!r}")
@@ -268,26 +277,26 @@ class Recipe:
         from ..align.sequence import SequenceConfig
 
         seq = SequenceConfig(methods=tuple(methods), passes=passes or self.passes,
-                             max_iters=self.max_iters, eval_every=self.eval_every,
+                             max_updates=self.max_updates, eval_every=self.eval_every,
                              patience=self.patience)
         cfg = AlignConfig(sequence=seq, conditions=self.conditions,
                           val_conditions=self.val_conditions, seed=seed,
                           lora_rank=self.lora_rank, lora_alpha=2.0 * self.lora_rank)
         cfg.dpo = replace(cfg.dpo, max_updates=self.dpo_updates, pair_source=dpo_pairs)
-        cfg.sft = replace(cfg.sft, max_updates=self.sft_rounds)
+        cfg.sft = replace(cfg.sft, max_updates=self.sft_updates)
         cfg.rl = replace(cfg.rl, max_updates=self.rl_updates, eval_every=self.rl_eval_every)
         if covered:  # the critic rates every action from data: no support to leave
             cfg.sequence = replace(seq, guard=replace(seq.guard, support_frac=1.0))
             cfg.sft = replace(cfg.sft, likelihood_quantile=0.0)
             if self.covered_sft_search:
                 cfg.sft = replace(cfg.sft, action_proposals=self.covered_sft_proposals,
-                                  candidates=1, states_per_round=self.covered_sft_states,
+                                  candidates=1, states_per_update=self.covered_sft_states,
                                   epochs=self.covered_sft_epochs,
                                   batch_size=self.covered_sft_batch, lr=self.covered_sft_lr,
                                   replay=self.covered_sft_replay)
             if self.covered_rl:
                 cfg.rl = replace(cfg.rl, lr=self.covered_rl_lr, kl_coef=self.covered_rl_kl,
-                                 states_per_iter=self.covered_rl_states,
+                                 states_per_update=self.covered_rl_states,
                                  group_size=self.covered_rl_group)
         if rollouts > 0:
             cfg.rollouts = RolloutConditions(fraction=rollouts, dynamics=dynamics)
@@ -295,7 +304,7 @@ class Recipe:
             from ..align.online import OnlineConfig
 
             cfg.online = OnlineConfig()
-        cfg.rl = replace(cfg.rl, **_given(states_per_iter=self.rl_states,
+        cfg.rl = replace(cfg.rl, **_given(states_per_update=self.rl_states,
                                           group_size=self.rl_group,
                                           ppo_epochs=self.rl_ppo_epochs, kl_coef=self.rl_kl))
         if self.rl_group_scale:
@@ -306,17 +315,17 @@ class Recipe:
                 and self.rl_group is None):  # a group baseline or entropy needs a group
             rl["group_size"] = self.rl_pg_group
         cfg.rl = replace(cfg.rl, **rl)
-        cfg.dpo = replace(cfg.dpo, **_given(states_per_iter=self.dpo_states,
+        cfg.dpo = replace(cfg.dpo, **_given(states_per_update=self.dpo_states,
                                             candidates=self.dpo_candidates,
                                             updates_per_batch=self.dpo_updates_per_batch))
-        cfg.sft = replace(cfg.sft, likelihood_source=self.sft_likelihood)
-        cfg.sft = replace(cfg.sft, **_given(states_per_round=self.sft_states,
+        cfg.sft = replace(cfg.sft, likelihood_source=self.sft_likelihood, source=self.sft_source)
+        cfg.sft = replace(cfg.sft, **_given(states_per_update=self.sft_states,
                                             candidates=self.sft_candidates,
                                             epochs=self.sft_epochs))
         if cascade:
             cfg.cascade = replace(cfg.cascade, rounds=self.cascade_rounds,
                                   steps_per_round=self.cascade_steps,
-                                  states_per_round=self.cascade_states)
+                                  states_per_update=self.cascade_states)
         else:
             cfg.cascade = None
         return cfg
@@ -330,11 +339,22 @@ class Recipe:
         return _given(grad_last_k=self.rl_grad_k)
 
 
-_MAY_BE_ZERO = {"ref_candidates", "cond_fourier", "covered_backup_actions",
+_MAY_BE_ZERO = {"ref_candidates", "select_episodes", "cond_fourier", "covered_backup_actions",
                 "covered_backup_refine", "covered_rollout_conditions", "covered_rl_kl",
                 "rl_kl", "critic_expectile", "rl_entropy_coef"}
 _REALS = {"rl_kl", "rl_entropy_coef", "covered_rl_kl", "covered_sft_lr", "covered_rl_lr",
           "critic_expectile", "covered_at", "covered_rollout_conditions"}
+
+
+RENAMED_FIELDS = {"max_iters": "max_updates", "sft_rounds": "sft_updates"}
+"""Recipe fields under the other names that run directories written by earlier versions
+hold (``run.json``'s ``"recipe"``, a bench cell's ``"sizes"``): old name -> name."""
+
+
+def renamed_fields(recipe: dict) -> dict:
+    """A recipe as a dict (``asdict``, or as a run directory saved it) with the fields of
+    :data:`RENAMED_FIELDS` under their names; other entries are kept as they are."""
+    return {RENAMED_FIELDS.get(k, k): v for k, v in recipe.items()}
 
 
 def _given(**kw: Any) -> dict[str, Any]:
@@ -360,6 +380,10 @@ def with_overrides(recipe: Recipe, overrides: str | dict | None) -> Recipe:
             if not eq:
                 raise UserError(f"recipe override {part.strip()!r} is not KEY=VALUE")
             items[key.strip()] = value.strip()
+    for key in items:
+        if key in RENAMED_FIELDS:
+            raise UserError(f"recipe setting {key} is named {RENAMED_FIELDS[key]}: use "
+                            f"{RENAMED_FIELDS[key]}={items[key]}")
     bad = sorted(set(items) - set(types))
     if bad:
         raise UserError(f"unknown recipe setting(s) {', '.join(bad)}; valid: "

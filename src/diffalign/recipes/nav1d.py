@@ -27,7 +27,7 @@ class Nav1DRecipe(Recipe):
     """With 512 states SFT stopped about 8 points of the optimum lower."""
     val_conditions: int = 512
     """128 validation states kept a worse SFT adapter in one run of three."""
-    max_iters: int = 120
+    max_updates: int = 120
     """Caps every method's updates per pass; the per-method caps below bind first."""
     patience: int = 10
     """Validation rewards are noisy: a method stops after 10 checks without gain."""
@@ -37,8 +37,8 @@ class Nav1DRecipe(Recipe):
     """RL's updates are cheap; validating each 10th keeps its cost down."""
     dpo_updates: int | None = 4
     """DPO before SFT changed nothing with 8 updates instead of 4."""
-    sft_rounds: int | None = 20
-    """SFT's rounds are the job's dearest; 20 keep it near 10 minutes."""
+    sft_updates: int | None = 20
+    """SFT's updates (rounds) are the job's dearest; 20 keep it near 10 minutes."""
     eval_episodes: int = 64
     """64 episodes per stage keep the job near 10 minutes (the paper preset takes 200)."""
     planner_state_cond: bool = True
@@ -79,15 +79,15 @@ NAV1D_PRESETS: dict[str, Nav1DRecipe] = {
     "default": _DEFAULT,
     # a smoke test of every step: about two minutes on 2 CPU cores
     "quick": replace(_DEFAULT, data_episodes=200, foundation_steps=400, critic_steps=800,
-                     dynamics_steps=300, max_iters=4, eval_every=2, patience=2,
-                     rl_updates=None, rl_eval_every=None, dpo_updates=None, sft_rounds=None,
+                     dynamics_steps=300, max_updates=4, eval_every=2, patience=2,
+                     rl_updates=None, rl_eval_every=None, dpo_updates=None, sft_updates=None,
                      eval_episodes=8, ref_eval_episodes=4, cascade_rounds=1, cascade_steps=10,
                      cascade_states=8, conditions=128, val_conditions=32, rl_states=8,
                      rl_group=4, rl_ppo_epochs=1, dpo_states=16, dpo_candidates=4,
                      dpo_updates_per_batch=1, sft_states=16, sft_candidates=8, sft_epochs=2),
     # longer training and more passes: meant for a GPU
-    "paper": replace(_DEFAULT, foundation_steps=10000, critic_steps=10000, max_iters=240,
-                     rl_updates=None, rl_eval_every=None, dpo_updates=None, sft_rounds=None,
+    "paper": replace(_DEFAULT, foundation_steps=10000, critic_steps=10000, max_updates=240,
+                     rl_updates=None, rl_eval_every=None, dpo_updates=None, sft_updates=None,
                      passes=3, eval_episodes=200, ref_eval_episodes=100, cascade_rounds=10,
                      cascade_steps=50, conditions=8192),
 }
