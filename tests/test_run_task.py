@@ -61,6 +61,13 @@ def test_run_metaworld_quick_end_to_end(run_dir, data_dir, tmp_path, capsys, mon
         assert s["score"] == pytest.approx(100 * s["success_rate"])
         assert s["normalized"] is not None
     assert report["final"]["stage"] in STAGES and report["final"]["reason"]
+    # chosen on held-out starts the evaluation never plays (quick preset: 2 episodes)
+    sel = report["final"]["selection"]
+    assert sorted(sel) == sorted(s for s in STAGES if s != "reference@4")
+    assert "held-out starts (reset seeds 10000-10001)" in report["final"]["reason"]
+    for name in sel:
+        ev = json.loads((run_dir / "select" / name / "eval.json").read_text())
+        assert ev["seed"] == 10000 and ev["episodes"] == 2
     assert report["critic_greedy_normalized"] is None  # a Nav1D-only measure
     md = (run_dir / "report.md").read_text()
     assert "success rate (%)" in md and f"| {report['final']['stage']} **(final)** |" in md
@@ -159,6 +166,34 @@ def test_run_task_is_the_pipeline_of_run_nav1d(tmp_path, capsys):
     assert main(["run", "nav1d/bogus", "--out", str(out)]) == 2
     assert "nav1d/bogus" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_final_stage_is_chosen_on_the_held_out_starts_returns():
+    """Paired gains over the reference on the same starts: a stage must beat it by two
+    standard errors; a stage sharing another's model shares its returns; a stage evaluated
+    before the starts were played leaves the critic's choice, saying so."""
+    from diffalign.pipeline.jobs import done
+    from diffalign.pipeline.run import choose_in_env
+
+    ref = [10.0, 0.0, 10.0, 0.0, 10.0, 0.0]
+    critic = {"stage": "sft", "reason": "critic", "heldout": {"sft": {}}}
+    better = [r + 5.0 + 0.1 * i for i, r in enumerate(ref)]
+    worse = [r - 1.0 for r in ref]
+    got = choose_in_env({"reference": done({"returns": ref}), "dpo": done({"returns": worse}),
+                         "sft": done({"returns": better}), "rl": "sft"}, critic, 6, 10000, 2.0)
+    assert got["stage"] in ("sft", "rl") and got["heldout"] == critic["heldout"]
+    assert got["selection"]["sft"]["gain"] == pytest.approx(5.25)
+    assert got["selection"]["rl"] == got["selection"]["sft"]
+    assert "6 episodes from held-out starts (reset seeds 10000-10005)" in got["reason"]
+    got = choose_in_env({"reference": done({"returns": ref}), "dpo": done({"returns": worse})},
+                        critic, 6, 10000, 2.0)
+    assert got["stage"] == "reference"
+    noisy = [r + (4.0 if i % 2 else -3.0) for i, r in enumerate(ref)]  # +0.5 ± 1.6
+    assert choose_in_env({"reference": done({"returns": ref}),
+                          "sft": done({"returns": noisy})}, critic, 6, 10000, 2.0)["stage"] \
+        == "reference"
+    got = choose_in_env({"reference": done({"returns": ref}), "sft": None}, critic, 6, 0, 2.0)
+    assert got["stage"] == "sft" and "before the held-out starts" in got["reason"]
 
 
 def test_task_metric_prefers_success_then_normalised_score():

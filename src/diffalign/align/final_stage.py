@@ -60,25 +60,32 @@ def heldout_rewards(setup, states: Tensor, net=None, model=None, seed: int = 864
 
 
 def choose_final(reference: Tensor, stages: dict[str, Tensor], z: float = 2.0,
-                 weight: float = 0.0) -> tuple[str, str, dict[str, dict]]:
+                 weight: float = 0.0, where: str | None = None
+                 ) -> tuple[str, str, dict[str, dict]]:
     """``(name, reason, table)``: the final stage among ``stages`` (name → held-out rewards,
     paired with ``reference``'s), or ``"reference"``; ``table`` holds each candidate's mean
-    reward, mean gain and the gain's standard error. ``weight``: the pessimism's weight."""
+    reward, mean gain and the gain's standard error. ``weight``: the pessimism's weight;
+    ``where``: what the rewards were measured on, for the reason (default: held-out
+    states)."""
     ref = reference.double()
     table: dict[str, dict] = {"reference": {"mean": float(ref.mean()), "gain": 0.0, "se": 0.0}}
     for name, r in stages.items():
         d = r.double() - ref
         se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else math.inf
         table[name] = {"mean": float(r.double().mean()), "gain": float(d.mean()), "se": se}
-    name, reason = choose_from_table(table, z, weight, len(ref))
+    name, reason = choose_from_table(table, z, weight, len(ref), where=where)
     return name, reason, table
 
 
 def choose_from_table(table: dict[str, dict], z: float = 2.0, weight: float = 0.0,
-                      states: int | None = None) -> tuple[str, str]:
+                      states: int | None = None, where: str | None = None
+                      ) -> tuple[str, str]:
     """The rule of :func:`choose_final` on its table (also for a finished run's
     ``align.json``): ``(name, reason)``."""
-    on = f" on {states} held-out states" if states else " on the held-out states"
+    if where:
+        on = f" {where}"
+    else:
+        on = f" on {states} held-out states" if states else " on the held-out states"
     if weight >= 1.0:
         return "reference", ("the data holds about one action per state (pessimism weight "
                              f"{weight:.2f}): no critic's preference between samples can be "

@@ -14,6 +14,8 @@ what the previous one wrote, in either process::
     OUT/eval/<stage>/eval.json (+ eval.png)   per-stage evaluation in the environment
                                               (weights.safetensors: the stage's merged
                                               weights, until it is evaluated)
+    OUT/select/<stage>/eval.json              with the recipe's ``select_episodes``: the
+                                              held-out starts the final stage is chosen on
     OUT/report.json, OUT/report.md, OUT/*.png
 
 The recipe (:mod:`diffalign.recipes`) sizes and sets up every step; what it decides from the
@@ -28,6 +30,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,7 +170,7 @@ RUN_SETTINGS = "run.json"
 """The settings that determine a run's output, as its first start recorded them."""
 
 _RUN_ENTRIES = ("data", "behavior", "foundation", "critic", "dynamics", "align", "eval",
-                "eval-again", "report.json", "report.md", "timings.json", RUN_SETTINGS)
+                "eval-again", "select", "report.json", "report.md", "timings.json", RUN_SETTINGS)
 """What :func:`run_pipeline` (and ``diffalign evaluate`` of the run) writes in ``OUT``,
 besides the report's pictures."""
 
@@ -207,6 +210,10 @@ def check_run_settings(out: Path, settings: dict) -> None:
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not readable JSON ({e}); delete it, or rerun with "
                         "--overwrite to start afresh") from None
+    if isinstance(old, dict) and isinstance(old.get("recipe"), dict):
+        from ..recipes.base import renamed_fields
+
+        old["recipe"] = renamed_fields(old["recipe"])
     diff = settings_diff(old, settings)
     if diff:
         raise UserError(f"{out} holds a run with other settings ({'; '.join(diff)}): rerun "
@@ -342,13 +349,9 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
     if critic_trained:
         if jobs.enabled:
             _log("critic: waiting for the second process")
-        critic_s = critic_future.result()
-    t0 = time.perf_counter()
+        _remember(out, "critic_train_s", critic_future.result(), True)
     critic = load_critic(cdir, device=opts.device)
-    if not critic_trained:  # loaded: what _remember stores only if the first run did not
-        critic_s = time.perf_counter() - t0
     _log(f"critic: {'trained' if critic_trained else 'loaded'} {cdir}")
-    _remember(out, "critic_train_s", critic_s, critic_trained)
     dynamics = None
     if rollouts > 0:
         if dynamics_trained:
@@ -361,11 +364,16 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
     pending: list[list] = []  # [name, candidates, wall_s, future, same_as], in stage order
     evaluated: dict[str, str] = {}  # adapter fingerprint -> stage that had it
     stages: list[dict] = []
+    # one-candidate stages -> the future of their episodes from the held-out starts, the
+    # name of the stage whose model they share, or None (evaluated before selection existed)
+    selecting: dict[str, Future | str | None] = {}
 
     def run_eval(name: str, candidates: int, wall_s: float, n_episodes: int | None = None,
                  net=None, model_obj=None) -> None:
         """Evaluate a stage: the foundation (``net`` None), the foundation with an aligned
-        ``net``'s weights (in the side process), or another model (``model_obj``, here)."""
+        ``net``'s weights (in the side process), or another model (``model_obj``, here).
+        With ``select_episodes``, a one-candidate stage also plays the held-out starts the
+        final stage is chosen on (queued first: the weights are gone once it is evaluated)."""
         edir = out / "eval" / name
         cached, weights = edir / "eval.json", edir / STAGE_WEIGHTS
         key = adapter_fingerprint(net) if net is not None else None
@@ -374,25 +382,37 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
             # kept until evaluated: a killed run evaluates the stage from them on resume
             # (the adapter folded into a plain copy of the net: faster to sample)
             save_stage_weights(merged_copy(net), weights)
-        if cached.exists():
-            fut = done(json.loads(cached.read_text()))
-        elif key in evaluated:
+        if not cached.exists() and key in evaluated:
             # the stage kept the adapter of an earlier stage (no update beat it): same
             # model, same seed, same rollouts -- that evaluation is copied at the end
-            fut, same_as = None, evaluated[key]
-        else:
-            kw = dict(episodes=n_episodes or episodes, candidates=candidates,
-                      out_dir=str(edir), seed=opts.seed, device=opts.device)
-            if model_obj is not None:
-                fut = done(evaluate(model_obj, critic=critic, **kw))
+            same_as = evaluated[key]
+        kw = dict(episodes=n_episodes or episodes, candidates=candidates,
+                  out_dir=str(edir), seed=opts.seed, device=opts.device)
+        if R.select_episodes and candidates == 1:
+            sfile = out / "select" / name / "eval.json"
+            skw = dict(kw, episodes=R.select_episodes, out_dir=str(sfile.parent),
+                       seed=opts.seed + SELECT_SEED_OFFSET)
+            if sfile.exists():
+                selecting[name] = done(json.loads(sfile.read_text()))
+            elif same_as is not None:
+                selecting[name] = same_as
+            elif cached.exists() and not weights.exists() and net is None \
+                    and not name.startswith("reference") and model_obj is None:
+                selecting[name] = None
             else:
-                if net is None and not name.startswith("reference"):
-                    if not weights.exists():
-                        raise FileNotFoundError(
-                            f"stage {name!r} has neither {cached} nor {weights}: its adapter "
-                            f"is gone; delete {out / 'align'} to run the alignment again")
-                fut = jobs.submit(eval_job, str(fdir), str(cdir),
-                                  str(weights) if weights.exists() else None, **kw)
+                selecting[name] = _submit_eval(jobs, evaluate, critic, fdir, cdir, weights,
+                                               net, model_obj, skw)
+        if cached.exists():
+            fut = done(json.loads(cached.read_text()))
+        elif same_as is not None:
+            fut = None
+        else:
+            if net is None and model_obj is None and not name.startswith("reference"):
+                if not weights.exists():
+                    raise FileNotFoundError(
+                        f"stage {name!r} has neither {cached} nor {weights}: its adapter "
+                        f"is gone; delete {out / 'align'} to run the alignment again")
+            fut = _submit_eval(jobs, evaluate, critic, fdir, cdir, weights, net, model_obj, kw)
         if key is not None:
             evaluated.setdefault(key, name)
         pending.append([name, candidates, wall_s, fut, same_as])
@@ -464,6 +484,10 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
         events, final = result.events, result.final
         align_train_s = sum(st.wall_s for st in result.stages) + result.cascade_wall_s
     collect(wait=True)
+    if R.select_episodes:
+        final = choose_in_env(selecting, final, R.select_episodes,
+                              opts.seed + SELECT_SEED_OFFSET, acfg.final.z)
+        _log(f"final stage: {final['stage']} ({final['reason']})")
     timings["alignment"] = time.perf_counter() - t_align
     metric = "normalized" if opts.nav1d else task_metric(stages[0])
     for row in stages:
@@ -498,7 +522,8 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
         "events": warnings + events,
         "alignment_seconds": align_train_s,
         "foundation_seconds": foundation_s,
-        "alignment_fraction_of_foundation": align_train_s / max(foundation_s, 1e-9),
+        "alignment_fraction_of_foundation": (None if foundation_s is None
+                                             else align_train_s / max(foundation_s, 1e-9)),
         "timings": {**timings, **_remembered(out)},
         "device": str(torch.device(opts.device)),
         "seed": opts.seed,
@@ -507,9 +532,49 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
     from .report import write_run_report
 
     write_run_report(out, report)
-    _log(f"report: {out / 'report.md'} (alignment took {align_train_s:.0f}s = "
-         f"{report['alignment_fraction_of_foundation']:.2f}x foundation training)")
+    ratio = report["alignment_fraction_of_foundation"]
+    _log(f"report: {out / 'report.md'} (alignment took {align_train_s:.0f}s"
+         + ("" if ratio is None else f" = {ratio:.2f}x foundation training") + ")")
     return report
+
+
+SELECT_SEED_OFFSET = 10_000
+"""The held-out starts of the final stage's choice reset with ``seed + 10000 + i``, apart
+from the evaluation's ``seed + i``."""
+
+
+def _submit_eval(jobs: SideJobs, evaluate, critic, fdir: Path, cdir: Path, weights: Path,
+                 net, model_obj, kw: dict) -> Future:
+    """One evaluation of a stage: another model here, else the saved foundation (with the
+    stage's merged ``weights`` where it has them) in the side process."""
+    if model_obj is not None:
+        return done(evaluate(model_obj, critic=critic, **kw))
+    return jobs.submit(eval_job, str(fdir), str(cdir),
+                       str(weights) if weights.exists() else None, **kw)
+
+
+def choose_in_env(selecting: dict, final: dict, episodes: int, seed: int, z: float) -> dict:
+    """The final stage chosen on each one-candidate stage's returns from the same held-out
+    starts (paired with the reference's, :func:`~diffalign.align.final_stage.choose_final`
+    with the environment's returns in place of the critic's), or ``final`` (the critic's
+    choice) with a note when some stage was evaluated before these starts were played."""
+    import torch
+
+    from ..align.final_stage import choose_final
+
+    returns: dict[str, list[float]] = {}
+    for name, got in selecting.items():
+        if got is None:
+            return {**final, "reason": final.get("reason", "") + " (chosen by the critic: "
+                    f"stage {name!r} was evaluated before the held-out starts were played)"}
+        returns[name] = returns[got] if isinstance(got, str) else got.result()["returns"]
+    ref = torch.tensor(returns.pop("reference"), dtype=torch.float64)
+    name, reason, table = choose_final(
+        ref, {k: torch.tensor(v, dtype=torch.float64) for k, v in returns.items()}, z=z,
+        where=f"in {episodes} episodes from held-out starts (reset seeds {seed}-"
+              f"{seed + episodes - 1})")
+    return {"stage": name, "reason": reason, "heldout": final.get("heldout", {}),
+            "selection": table}
 
 
 def task_metric(row: dict) -> str:
@@ -553,7 +618,10 @@ def final_row(final: dict, stages: list[dict]) -> dict:
         name, why = "reference", f"{name!r} was chosen but has no evaluation in this report"
     else:
         why = final.get("reason", "")
-    return {"stage": name, "reason": why, "heldout": final.get("heldout", {})}
+    row = {"stage": name, "reason": why, "heldout": final.get("heldout", {})}
+    if "selection" in final:
+        row["selection"] = final["selection"]
+    return row
 
 
 _UNITS = {"normalized": ("% of the optimum", "%"), "success_rate": ("% success", "%"),
@@ -595,12 +663,13 @@ def _remembered(out: Path) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def _remember(out: Path, key: str, seconds: float, ran: bool) -> float:
-    """Store a step's wall time when the step ran; when it was loaded, read the stored one."""
+def _remember(out: Path, key: str, seconds: float, ran: bool) -> float | None:
+    """Store a step's wall time when the step ran; when it was loaded, read the stored one
+    (None where the step's output came from elsewhere: its loading time is not its time)."""
     from ..atomic import write_json
 
     known = _remembered(out)
-    if ran or key not in known:
+    if ran:
         known[key] = seconds
         write_json(out / "timings.json", known)
-    return float(known[key])
+    return None if known.get(key) is None else float(known[key])

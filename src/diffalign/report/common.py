@@ -36,15 +36,21 @@ def closing_lines(report: dict, pictures: str) -> list[str]:
     lines: list[str] = []
     final = (report.get("final") or {}).get("stage")
     if final is not None:
+        on = ("episodes from held-out starts" if "selection" in report["final"]
+              else "held-out dataset states")
         lines += ["", f"Final stage: **{final}** ({report['final'].get('reason', '')}); it is "
-                  "chosen on held-out dataset states, not on these evaluation episodes, and "
+                  f"chosen on {on}, not on these evaluation episodes, and "
                   "is what `diffalign evaluate` and `diffalign export` use by default."]
     if report.get("action_coverage") is not None:
         lines += ["", f"Action coverage of the data: {report['action_coverage']:.2f} "
                   "(1: every action tried near every state)."]
-    lines += ["", f"Alignment training took {report['alignment_seconds']:.0f} s, "
-              f"{report['alignment_fraction_of_foundation']:.2f}× the foundation's "
-              f"{report['foundation_seconds']:.0f} s.", "", "## Events", ""]
+    if report.get("foundation_seconds") is None:  # trained elsewhere: no time to compare
+        lines += ["", f"Alignment training took {report['alignment_seconds']:.0f} s.", "",
+                  "## Events", ""]
+    else:
+        lines += ["", f"Alignment training took {report['alignment_seconds']:.0f} s, "
+                  f"{report['alignment_fraction_of_foundation']:.2f}× the foundation's "
+                  f"{report['foundation_seconds']:.0f} s.", "", "## Events", ""]
     events = report.get("events") or []
     if not events:
         lines.append("None (no collapse detected).")
