@@ -29,13 +29,15 @@ def data_file(out: str | Path, task: str) -> Path:
 
 
 def write_run_data(task: str, out: str | Path, episodes: int = 1000, layout_seed: int = 0,
-                   seed: int = 0, download: bool = False, plot: bool = True) -> dict[str, Any]:
+                   seed: int = 0, download: bool = False, plot: bool = True,
+                   progress: bool = True) -> dict[str, Any]:
     """Resolve ``task`` and write its dataset into ``OUT/data/`` unless it is there; returns
     the arguments of :func:`load_run_task` (plain values: they go to the second process).
 
     ``episodes``, ``layout_seed`` and ``seed`` size and seed a generated Nav1D dataset (with
     a picture of 50 of its episodes when ``plot``); other datasets are copied whole, with
-    what their environment needs recorded in the file.
+    what their environment needs recorded in the file (a missing simulator dataset is
+    collected first, with a progress bar when ``progress``).
     """
     from ..tasks import resolve_task
 
@@ -60,7 +62,7 @@ def write_run_data(task: str, out: str | Path, episodes: int = 1000, layout_seed
     from ..data.collect import ensure_dataset
     from ..data.readers import write_d4rl_hdf5
 
-    ensure_dataset(task)  # a simulator dataset that is not there yet is collected first
+    ensure_dataset(task, progress=progress)  # a missing simulator dataset: collected first
     t = resolve_task(task, download=download)
     meta = {k: v for k, v in t.episodes.meta.items() if k not in ("source", "format")}
     if t.meta.get("sim_task"):  # the adapter and its settings: the file names its env

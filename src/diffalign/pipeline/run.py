@@ -149,7 +149,8 @@ def run_pipeline(opts: RunOptions) -> dict:
     # 1. data: written into OUT/data, and read back from there by every later step
     t0 = time.perf_counter()
     data = write_run_data(opts.task, out, episodes=opts.recipe.data_episodes,
-                          layout_seed=opts.layout_seed, seed=opts.seed, download=opts.download)
+                          layout_seed=opts.layout_seed, seed=opts.seed, download=opts.download,
+                          progress=opts.progress)
     task = load_run_task(**data)
     ret = float(task.episodes.returns().mean())
     if opts.nav1d:
