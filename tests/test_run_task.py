@@ -278,3 +278,31 @@ def test_a_run_over_another_runs_directory_is_refused_naming_the_settings(
 
     clear_run(out)  # what --overwrite does first
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_load_policy_drives_the_metaworld_env_of_a_run(run_dir, data_dir, monkeypatch):
+    """The README's 10-line loop on a simulator run: load_policy(RUN) acts with the final
+    stage in its own MetaWorld env and plays the evaluation's first episode."""
+    import numpy as np
+
+    import diffalign
+    from diffalign.eval.evaluate import evaluate
+    from diffalign.runs import load_stage
+
+    monkeypatch.setenv("DIFFALIGN_DATA", str(data_dir))
+    report = json.loads((run_dir / "report.json").read_text())
+    policy = diffalign.load_policy(run_dir, seed=0)
+    assert policy.stage == report["final"]["stage"]
+    env = policy.make_env()
+    obs, _ = env.reset(seed=0)
+    policy.reset(seed=0)
+    total, done = 0.0, False
+    while not done:
+        action = policy.act(obs)
+        assert action.shape == env.action_space.shape and np.all(np.isfinite(action))
+        obs, reward, terminated, truncated, _ = env.step(action)
+        total += float(reward)
+        done = terminated or truncated
+    st = load_stage(run_dir, policy.stage)
+    res = evaluate(st.model, critic=st.critic_dir, episodes=1, seed=0, write=False)
+    assert total == pytest.approx(res["returns"][0], rel=1e-5)
