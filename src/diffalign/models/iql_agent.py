@@ -16,6 +16,7 @@ Like the critic, the agent takes RAW observations and returns RAW actions.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,8 @@ from .critic import (
     transitions_from_episodes,
 )
 
-__all__ = ["AGENT_KIND", "IQLAgent", "IQLAgentConfig", "awr_actor_loss", "train_iql_agent"]
+__all__ = ["AGENT_KIND", "AgentEpisodes", "IQLAgent", "IQLAgentConfig", "awr_actor_loss",
+           "run_agent_episodes", "train_iql_agent"]
 
 AGENT_KIND = "iql_agent"
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
@@ -262,3 +264,70 @@ def train_iql_agent(episodes: Episodes, cfg: IQLAgentConfig | None = None,
                  save_fn=lambda d, m: m.save(d), params=list(agent.parameters()),
                  log_prefix="agent")
     return result.model.eval()
+
+
+# ---------------------------------------------------------------------------- evaluation
+@dataclass
+class AgentEpisodes:
+    """What :func:`run_agent_episodes` measured, one entry per episode."""
+
+    returns: np.ndarray
+    """(E,) undiscounted returns."""
+    lengths: np.ndarray
+    """(E,) episode lengths in steps."""
+    success: np.ndarray | None
+    """(E,) bool, or None when the environment never reported success."""
+    seeds: list[int]
+    """The reset seed of each episode."""
+
+
+def run_agent_episodes(agent: Any, make_env: Callable[[], Any], episodes: int = 10,
+                       seed: int = 0, deterministic: bool = True,
+                       generator: torch.Generator | None = None, progress: bool = False
+                       ) -> AgentEpisodes:
+    """Play ``episodes`` episodes of ``agent.act(obs, deterministic)`` in envs of ``make_env()``.
+
+    Episode ``i`` runs in its own environment reset with ``seed + i`` and an episode succeeds
+    when any step's ``info`` reports success: the seeds and the success rule of
+    :func:`diffalign.eval.rollout.rollout`, so the numbers compare with the pipeline's
+    evaluations. ``generator`` draws the noise of stochastic actions.
+    """
+    from ..eval.rollout import _success_flag
+
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be an integer >= 1, got episodes={episodes!r}")
+    returns = np.zeros(episodes)
+    lengths = np.zeros(episodes, dtype=np.int64)
+    success: list[bool | None] = [None] * episodes
+    seeds = [int(seed) + i for i in range(episodes)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=episodes, desc="eval", dynamic_ncols=True)
+    try:
+        for i, s in enumerate(seeds):
+            env = make_env()
+            try:
+                obs, _ = env.reset(seed=s)
+                done = False
+                while not done:
+                    a = agent.act(np.asarray(obs, np.float32), deterministic=deterministic,
+                                  generator=generator)
+                    obs, r, term, trunc, info = env.step(
+                        np.asarray(a).reshape(env.action_space.shape))
+                    returns[i] += float(r)
+                    lengths[i] += 1
+                    flag = _success_flag(info) if isinstance(info, dict) else None
+                    if flag is not None:
+                        success[i] = bool(success[i]) or flag
+                    done = bool(term or trunc)
+            finally:
+                env.close()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    succ = None if all(v is None for v in success) else np.array([bool(v) for v in success])
+    return AgentEpisodes(returns=returns, lengths=lengths, success=succ, seeds=seeds)
