@@ -1,7 +1,8 @@
-"""`diffalign bench`: a one-cell Nav1D grid end to end (tables hold the cell's numbers), a
-resumed bench skips the finished cell, a failed cell is reported while the others go on, a
-cell killed mid-run resumes from its disk, mean ± std over seeds in the tables, dataset glue,
-and bad input (exit 2, the value named, nothing written)."""
+"""`diffalign bench`: a one-cell Nav1D grid end to end with the default alignment (tables
+hold the cell's numbers), a resumed bench skips the finished cell, a failed cell is reported
+while the others go on, a cell killed mid-run resumes from its disk, dataset glue, and bad
+input (exit 2, the value named, nothing written). The tables' layout on synthetic cells:
+tests/test_bench_tables.py."""
 
 import csv
 import json
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from diffalign.bench import write_tables
 from diffalign.bench.cell import DatasetUnavailable, ensure_dataset
 from diffalign.bench.grid import ray_available
 from diffalign.cli import main
@@ -25,10 +25,11 @@ TINY = ("data_episodes=50,foundation_steps=30,critic_steps=30,critic_ensemble=1,
 CELL = "nav1d__full__dp__ddim__s0"
 
 
-def _bench_args(out, processes="ddim"):
+def _bench_args(out, processes="ddim", methods=None):
     return ["bench", "--suite", "nav1d", "--tasks", "full", "--models", "dp", "--processes",
             processes, "--seeds", "0", "--quick", "--sizes", TINY, "--ray", "off",
-            "--threads", "1", "--no-progress", "--out", str(out)]
+            "--threads", "1", "--no-progress", "--out", str(out),
+            *(["--methods", methods] if methods else [])]
 
 
 def _rows(path):
@@ -38,13 +39,14 @@ def _rows(path):
 
 def test_one_cell_bench_end_to_end_then_resume_skips(tmp_path, capsys):
     out = tmp_path / "bench"
-    args = _bench_args(out)
+    args = _bench_args(out)  # the default alignment: dpo, sft, rl, then the cascade
     assert main(args) == 0
     result_file = out / "cells" / CELL / "result.json"
     res = json.loads(result_file.read_text())
     assert (res["suite"], res["task"], res["model"], res["process"], res["seed"]) == (
         "nav1d", "full", "dp", "ddim", 0)
-    assert res["metric"] == "normalized" and res["methods"] == ["rl"]
+    assert res["metric"] == "normalized" and res["methods"] == ["dpo", "sft", "rl"]
+    assert res["cascade"] is True
     ev = res["evals"]
     assert set(ev) == {"reference", "reference_expectation", "reference_idql", "aligned",
                        "aligned_expectation", "aligned_idql"}
@@ -52,38 +54,43 @@ def test_one_cell_bench_end_to_end_then_resume_skips(tmp_path, capsys):
     assert ev["reference"]["candidates"] == 1 and ev["reference_idql"]["candidates"] == 3
     assert ev["reference_idql"]["selection"] == "idql_greedy"
     assert ev["aligned_expectation"]["selection"] == "expectation"
-    assert [s["method"] for s in res["align"]["stages"]] == ["rl"]
+    assert [s["method"] for s in res["align"]["stages"]][:3] == ["dpo", "sft", "rl"]
     assert (out / "cells" / CELL / "align" / "adapter" / "adapter_model.safetensors").exists()
     # a cell is a run of the pipeline, with the data and critic its (task, seed) shares
     shared = out / "critics" / "nav1d__full__s0"
     assert (shared / "critic" / "config.json").exists()
     report = json.loads((out / "cells" / CELL / "report.json").read_text())
-    assert [s["name"] for s in report["stages"]] == ["reference", "rl"]
-    assert report["final"]["stage"] in ("reference", "rl") and res["aligned_stage"] == "rl"
+    names = [s["name"] for s in report["stages"]]
+    assert names[0] == "reference" and names[-1] == "cascade" and "rl" in names
+    # aligned: the stage the run chose, which need not be the last
+    final = report["final"]["stage"]
+    assert res["aligned_stage"] == res["final"] == final and res["last_stage"] in names
+    row = next(s for s in report["stages"] if s["name"] == final)
+    assert res["aligned"] == row["score"] == ev["aligned"]["score"]
+    assert ev["aligned"]["return_std"] == row["return_std"]
     assert (out / "cells" / CELL / "critic" / "model.safetensors").read_bytes() == \
         (shared / "critic" / "model.safetensors").read_bytes()
 
-    # Table 2 holds exactly the cell's numbers (CSV at full precision, Markdown at 0.1)
-    (row,) = _rows(out / "table2.csv")
-    assert (row["suite"], row["task"], row["model"], row["process"]) == ("nav1d", "full", "dp",
-                                                                         "ddim")
-    assert float(row["reference_mean"]) == res["reference"]
-    assert float(row["aligned_mean"]) == res["aligned"]
-    assert row["reference_std"] == row["aligned_std"] == "" and row["n_seeds"] == "1"
-    md2 = (out / "table2.md").read_text()
-    assert f"| dp | ddim | {res['reference']:.1f} | {res['aligned']:.1f} |" in md2
-    # Table 3: expectation vs IDQL, reference vs aligned
-    (row3,) = _rows(out / "table3.csv")
+    # Table 3 holds exactly the cell's numbers (CSV at full precision, Markdown at 0.1):
+    # expectation vs IDQL, reference -> aligned; Table 2 (planners) has no row
+    assert _rows(out / "table2.csv") == []
     sel = res["selection"]
-    for s in ("expectation", "idql"):
-        for stage in ("reference", "aligned"):
-            assert float(row3[f"{s}_{stage}_mean"]) == sel[s][stage]
+    rows3 = _rows(out / "table3.csv")
+    assert [(r["task"], r["column"], r["candidates"], r["n_seeds"]) for r in rows3] == [
+        ("full", "Expectation (DDIM)", "3", "1"), ("full", "IDQL (DDIM)", "3", "1")]
     md3 = (out / "table3.md").read_text()
-    assert (f"| full | ddim | 3 | {sel['expectation']['reference']:.1f} | "
-            f"{sel['expectation']['aligned']:.1f} | {sel['idql']['reference']:.1f} | "
-            f"{sel['idql']['aligned']:.1f} |") in md3
-    assert (out / "nav1d.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| dp | ddim |" in capsys.readouterr().out  # Table 2 printed at the end
+    cells = []
+    for r, s in zip(rows3, ("expectation", "idql")):
+        assert float(r["ref_mean"]) == sel[s]["reference"]
+        assert float(r["aligned_mean"]) == sel[s]["aligned"]
+        assert float(r["aligned_return_std"]) == ev[f"aligned_{s}"]["return_std"]
+        assert r["ref_std"] == r["aligned_std"] == ""
+        cells.append(f"{sel[s]['reference']:.1f} → {sel[s]['aligned']:.1f}<br>return std")
+    assert f"| full | {cells[0]}" in md3 and f"| {cells[1]}" in md3
+    for name in ("table2.png", "table3.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out  # the tables printed at the end
+    assert "# Table 2" in printed and f"| full | {cells[0]}" in printed
 
     # resumed: the finished cell is skipped, not retrained
     mtime = result_file.stat().st_mtime_ns
@@ -112,7 +119,7 @@ def test_a_failed_cell_is_reported_the_others_go_on_and_a_rerun_retries_it(tmp_p
         return real(opts)
 
     monkeypatch.setattr(pipeline, "run_pipeline", faulty)
-    args = _bench_args(out, "ddim,ddpm")
+    args = _bench_args(out, "ddim,ddpm", methods="rl")
     # a failed cell is a fault, not bad input: it leaves `main` after the tables are written
     with pytest.raises(RuntimeError, match=rf"1 cell\(s\) failed.*{bad}.*injected fault"):
         main(args)
@@ -125,8 +132,9 @@ def test_a_failed_cell_is_reported_the_others_go_on_and_a_rerun_retries_it(tmp_p
     result = out / "cells" / good / "result.json"
     res = json.loads(result.read_text())
     assert not (out / "cells" / good / "error.txt").exists()
-    (row,) = _rows(out / "table2.csv")
-    assert row["process"] == "ddpm" and float(row["aligned_mean"]) == res["aligned"]
+    row, _ = _rows(out / "table3.csv")
+    assert row["process"] == "ddpm"
+    assert float(row["aligned_mean"]) == res["selection"]["expectation"]["aligned"]
 
     # the fault gone, a rerun runs the failed cell only and clears its error
     monkeypatch.setattr(pipeline, "run_pipeline", real)
@@ -138,7 +146,7 @@ def test_a_failed_cell_is_reported_the_others_go_on_and_a_rerun_retries_it(tmp_p
     assert (out / "cells" / bad / "result.json").exists()
     assert not (out / "cells" / bad / "error.txt").exists()
     assert result.stat().st_mtime_ns == mtime
-    assert {r["process"] for r in _rows(out / "table2.csv")} == {"ddim", "ddpm"}
+    assert {r["process"] for r in _rows(out / "table3.csv")} == {"ddim", "ddpm"}
 
 
 # Runs the bench in a child process that stalls when its cell reaches the alignment (the
@@ -167,7 +175,7 @@ def test_a_cell_killed_mid_run_resumes_from_what_it_saved(tmp_path, capsys):
     import time
 
     out, marker = tmp_path / "bench", tmp_path / "aligning"
-    args = _bench_args(out)
+    args = _bench_args(out, methods="rl")
     cell = out / "cells" / CELL
     with open(tmp_path / "child.log", "w") as child_log:
         proc = subprocess.Popen([sys.executable, "-c", _STALLING_BENCH, str(marker), *args],
@@ -201,57 +209,8 @@ def test_a_cell_killed_mid_run_resumes_from_what_it_saved(tmp_path, capsys):
     res = json.loads((cell / "result.json").read_text())
     assert [s["method"] for s in res["align"]["stages"]] == ["rl"]
     assert res["reference"] == json.loads(ref_eval.read_text())["normalized"]
-    (row,) = _rows(out / "table2.csv")
-    assert float(row["aligned_mean"]) == res["aligned"]
-
-
-def _result(out, suite, task, model, process, seed, ref, ali, selection=None):
-    cid = f"{suite}__{task}__{model}__{process}__s{seed}"
-    d = out / "cells" / cid
-    d.mkdir(parents=True)
-    metric = "success_rate" if suite == "metaworld" else "normalized"
-    (d / "result.json").write_text(json.dumps({
-        "cell": cid, "suite": suite, "task": task, "model": model, "process": process,
-        "seed": seed, "metric": metric, "reference": ref, "aligned": ali,
-        "selection": selection, "sizes": {"foundation_steps": 1}}))
-
-
-def test_tables_mean_and_sample_std_over_seeds(tmp_path):
-    out = tmp_path / "b"
-    for seed, ref, ali in [(0, 40.0, 55.0), (1, 50.0, 65.0), (2, 60.0, 75.0)]:
-        _result(out, "nav1d", "full", "diffuser", "ddpm", seed, ref, ali)
-    _result(out, "nav1d", "expert", "diffuser", "ddpm", 0, 90.0, 92.5)  # one seed only
-    for seed, (e, i) in enumerate([(10.0, 30.0), (20.0, 50.0)]):
-        sel = {"candidates": 16, "expectation": {"reference": e, "aligned": e + 4},
-               "idql": {"reference": i, "aligned": i + 1}}
-        _result(out, "nav1d", "partial", "dp", "fm", seed, 1.0, 2.0, sel)
-    _result(out, "metaworld", "button-press-v3", "dd", "sm", 0, 25.0, 75.0)
-    files = write_tables(out)
-    assert {f.name for f in files} == {"table2.md", "table2.csv", "table3.md", "table3.csv",
-                                       "nav1d.png", "metaworld.png"}
-    rows = {(r["suite"], r["task"], r["model"]): r for r in _rows(out / "table2.csv")}
-    full = rows[("nav1d", "full", "diffuser")]
-    assert float(full["reference_mean"]) == pytest.approx(50.0)
-    assert float(full["reference_std"]) == pytest.approx(10.0)  # sample std (n - 1)
-    assert float(full["aligned_mean"]) == pytest.approx(65.0)
-    assert full["n_seeds"] == "3" and full["seeds"] == "0 1 2"
-    assert rows[("nav1d", "expert", "diffuser")]["reference_std"] == ""
-    md = (out / "table2.md").read_text()
-    assert ("| diffuser | ddpm | – | – | 50.0 ± 10.0 | 65.0 ± 10.0 | 90.0 (n=1) | 92.5 (n=1) |"
-            in md)
-    assert "| dp | fm | 1.0 ± 0.0 (n=2) | 2.0 ± 0.0 (n=2) | – | – | – | – |" in md
-    assert "## metaworld: success rate (%)" in md and "| dd | sm | 25.0 | 75.0 |" in md
-    # the Markdown tables are well formed: every row has as many cells as its header
-    for block in md.split("## ")[1:]:
-        table = [ln for ln in block.splitlines() if ln.startswith("|")]
-        assert len({ln.count("|") for ln in table}) == 1
-    (t3,) = _rows(out / "table3.csv")
-    assert float(t3["expectation_reference_mean"]) == pytest.approx(15.0)
-    assert float(t3["expectation_reference_std"]) == pytest.approx(7.0710678, rel=1e-6)
-    assert float(t3["idql_aligned_mean"]) == pytest.approx(41.0)
-    assert float(t3["idql_aligned_std"]) == pytest.approx(14.1421356, rel=1e-6)
-    md3 = (out / "table3.md").read_text()
-    assert "| partial | fm | 16 | 15.0 ± 7.1 | 19.0 ± 7.1 | 40.0 ± 14.1 | 41.0 ± 14.1 |" in md3
+    row, _ = _rows(out / "table3.csv")
+    assert float(row["ref_mean"]) == res["selection"]["expectation"]["reference"]
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -110,11 +110,11 @@ def ensure_dataset(suite: str, task: str, quick: bool = False) -> str:
 
 
 def _options(task_name: str, out: str | Path, seed: int, recipe, device: str,
-             progress: bool, **kw):
+             progress: bool, cascade: bool = False, **kw):
     from ..pipeline import RunOptions
 
     return RunOptions(task=task_name, out=Path(out), recipe=recipe, seed=seed, device=device,
-                      progress=progress, parallel=False, cascade=False, **kw)
+                      progress=progress, parallel=False, cascade=cascade, **kw)
 
 
 def ensure_critic(task_name: str, critic_dir: str, seed: int, recipe, device: str = "cpu",
@@ -157,10 +157,15 @@ def _summary(res: dict, metric: str) -> dict[str, Any]:
 
 def run_cell(cell: dict, task_name: str, cell_dir: str, critic_dir: str,
              methods: Sequence[str], recipe, candidates: int = 16, quick: bool = False,
-             device: str = "cpu", progress: bool = False) -> dict[str, Any]:
-    """Run one cell: the pipeline (:func:`~diffalign.pipeline.run_pipeline`, no cascade) in
-    ``cell_dir`` with the shared data and critic of ``critic_dir``, then for a Diffusion
-    Policy the selection evaluations of Table 3; writes ``result.json`` last.
+             device: str = "cpu", progress: bool = False, cascade: bool = True
+             ) -> dict[str, Any]:
+    """Run one cell: the pipeline (:func:`~diffalign.pipeline.run_pipeline`) in ``cell_dir``
+    with the shared data and critic of ``critic_dir``, then for a Diffusion Policy the
+    selection evaluations of Table 3; writes ``result.json`` last.
+
+    The cell's ``aligned`` numbers are those of the stage the run chose as its final one
+    (``report.json``'s ``final``), which may be the cascade, an earlier stage or the
+    reference itself.
 
     Arguments are plain values so the call can be shipped to a Ray worker.
     """
@@ -182,10 +187,10 @@ def run_cell(cell: dict, task_name: str, cell_dir: str, critic_dir: str,
     report = run_pipeline(_options(task_name, out, c.seed, recipe, device, progress,
                                    model=c.model, process=c.process, methods=tuple(methods),
                                    preset="quick" if quick else "default",
-                                   shared=Path(critic_dir)))
+                                   shared=Path(critic_dir), cascade=cascade))
     metric = SUITE_METRIC[c.suite]
     rows = {s["name"]: s for s in report["stages"]}
-    aligned = aligned_stage(report)
+    aligned = report["final"]["stage"]
     evals = {"reference": _summary(rows["reference"], metric),
              "aligned": _summary(rows[aligned], metric)}
     for k in ("reference", "aligned"):
@@ -196,6 +201,10 @@ def run_cell(cell: dict, task_name: str, cell_dir: str, critic_dir: str,
     if c.model == "dp":  # Table 3: N candidates chosen by expectation or by IDQL
         t0 = time.perf_counter()
         for key, stage in (("reference", "reference"), ("aligned", aligned)):
+            if key == "aligned" and stage == "reference":  # same model: same evaluations
+                for sel in ("expectation", "idql"):
+                    evals[f"aligned_{sel}"] = dict(evals[f"reference_{sel}"])
+                continue
             st = load_stage(out, stage, device=device)
             for sel, with_critic in (("expectation", False), ("idql", True)):
                 name = f"{key}_{sel}"
@@ -216,7 +225,8 @@ def run_cell(cell: dict, task_name: str, cell_dir: str, critic_dir: str,
         "model": c.model, "process": c.process, "seed": c.seed, "methods": list(methods),
         "metric": metric, "quick": quick,
         "reference": evals["reference"]["score"], "aligned": evals["aligned"]["score"],
-        "aligned_stage": aligned, "final": report["final"]["stage"],
+        "aligned_stage": aligned, "final": aligned, "last_stage": aligned_stage(report),
+        "cascade": cascade,
         "selection": None, "evals": evals,
         "align": {"reference_val_reward": info.get("reference_val_reward"),
                   "stages": info.get("stages", []), "events": info.get("events", [])},

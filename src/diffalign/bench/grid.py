@@ -15,7 +15,7 @@ Layout of ``OUT``::
     OUT/cells/<cell id>/               a run directory of the pipeline (report.json,
                                        foundation/, align/, eval/<stage>/, ...)
     OUT/critics/<suite>__<task>__s<seed>/   the shared data/, behavior/ and critic/
-    OUT/table2.md, table2.csv, table3.md, table3.csv, OUT/<suite>.png
+    OUT/table2.md, table2.csv, table2.png, table3.md, table3.csv, table3.png
 """
 
 from __future__ import annotations
@@ -204,6 +204,10 @@ def make_cells(suite: str, tasks=None, models=None, processes=None,
             for s in seed_list]
 
 
+DEFAULT_METHODS = "dpo,sft,rl"
+"""The cells' alignment methods unless given: the unified sequence of ``diffalign run``."""
+
+
 def parse_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
     """Alignment methods in order (rl, dpo, sft), comma-separated."""
     from ..align.sequence import METHODS
@@ -271,14 +275,17 @@ def _threaded(fn: Callable, threads: int, *job):
 
 # ----------------------------------------------------------------------------- the run
 def run_bench(out: str | Path, suite: str, tasks=None, models=None, processes=None,
-              methods: str | Sequence[str] = "rl", seeds: str | Sequence[int] = (0,),
+              methods: str | Sequence[str] = DEFAULT_METHODS, cascade: bool = True,
+              seeds: str | Sequence[int] = (0,),
               quick: bool = False, sizes: str | dict | BenchSizes | None = None,
               device: str = "cpu", ray: str = "auto", ray_address: str | None = None,
               cpus_per_cell: float = 1.0, gpus_per_cell: float = 0.0,
               threads: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Run every unfinished cell, then write the tables and plots over all finished cells.
 
-    ``ray``: ``"auto"`` uses Ray when it imports, ``"on"`` requires it, ``"off"`` runs the
+    ``methods`` and ``cascade``: the alignment of every cell, by default that of ``diffalign
+    run`` (the unified sequence :data:`DEFAULT_METHODS`, then the cascade). ``ray``:
+    ``"auto"`` uses Ray when it imports, ``"on"`` requires it, ``"off"`` runs the
     cells one after the other. ``threads``: torch CPU threads of a cell (default: torch's own
     when sequential, ``cpus_per_cell`` under Ray). Returns ``{"cells", "ran", "skipped",
     "failed", "files", "seconds"}``. Raises ValueError (before anything is written) on bad
@@ -364,7 +371,7 @@ def run_bench(out: str | Path, suite: str, tasks=None, models=None, processes=No
                 todo.append(c)
         jobs = [(asdict(c), task_names[c.task], str(out / "cells" / c.id),
                  str(out / "critics" / c.critic_id), method_list, size.recipe,
-                 size.candidates, quick, device, progress) for c in todo]
+                 size.candidates, quick, device, progress, cascade) for c in todo]
         for name, _res, err in mapper(run_cell, jobs, [c.id for c in todo]):
             if err is None:
                 ran.append(name)
