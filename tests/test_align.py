@@ -211,8 +211,9 @@ def test_cascade_starts_equal_to_reference_and_trains(trained):
     torch.testing.assert_close(got_a, aligned, atol=1e-5, rtol=1e-4)
     with torch.no_grad(), reference(net):  # the net itself is unchanged by the merge
         torch.testing.assert_close(net(x, t, cond=cond), want, atol=0, rtol=0)
-    ref = train_cascade(setup, net, CascadeConfig(rounds=1, steps_per_round=3,
-                                                  states_per_update=8), progress=False)
+    ref = train_cascade(setup, net, CascadeConfig(mode="supervised", rounds=1,
+                                                  steps_per_round=3, states_per_update=8,
+                                                  keep_best=False), progress=False)
     with pytest.warns(UserWarning, match="unstable"):
         CascadeModel(setup.model, net, ref, passes=2)
     casc = CascadeModel(setup.model, net, ref)
@@ -230,16 +231,18 @@ def test_cascade_keeps_its_best_validated_refiner(trained):
 
     setup, net = _setup(trained)
     hist: list[dict] = []
-    cfg = CascadeConfig(rounds=2, steps_per_round=3, states_per_update=8, lr=5e-2)
+    cfg = CascadeConfig(mode="supervised", rounds=2, steps_per_round=3, states_per_update=8,
+                        lr=5e-2)
     refiner = train_cascade(setup, net, cfg, progress=False, history=hist)
     assert [h["round"] for h in hist] == [0, 1, 2]
     best = max(h["val_reward"] for h in hist)
     # the returned refiner is the best of the rounds, and never worse than round 0 (the
-    # untrained refiner, equal to the model it starts from)
+    # aligned model itself: None when no round beat it)
     assert cascade_validation(setup, net, refiner) == pytest.approx(best, abs=1e-5)
     assert best >= hist[0]["val_reward"]
-    off = train_cascade(setup, net, CascadeConfig(rounds=1, steps_per_round=1,
-                                                  states_per_update=8, keep_best=False),
+    off = train_cascade(setup, net, CascadeConfig(mode="supervised", rounds=1,
+                                                  steps_per_round=1, states_per_update=8,
+                                                  keep_best=False),
                         progress=False, history=(h2 := []))
     assert h2 == [] and off is not None
     _unwrap(trained, net)

@@ -3,7 +3,8 @@
 Output directory::
 
     OUT/adapter/        adapter_model.safetensors + adapter_config.json (the LoRA adapter)
-    OUT/cascade/        refiner.safetensors + config.json (when the cascade is trained)
+    OUT/cascade/        refiner.safetensors + config.json (when the cascade is trained; the
+                        weights are empty when no refiner beat the aligned model)
     OUT/dynamics/       the learned dynamics model (with ``rollouts``, when not given)
     OUT/behavior/       the data's action band (with ``pessimism``, when not given)
     OUT/stages/<name>/adapter/   each stage's own adapter
@@ -22,7 +23,14 @@ import torch
 
 from ..atomic import write_json
 from ..train.checkpoint import CheckpointError, load_tensors, save_tensors
-from .cascade import CascadeConfig, CascadeModel, build_refiner, train_cascade
+from .cascade import (
+    CascadeConfig,
+    CascadeModel,
+    pass_metrics,
+    ref_shape,
+    refiner_skeleton,
+    train_cascade,
+)
 from .common import AlignSetup, condition_pool, freeze, renamed_fields, validation_reward
 from .conditions import RolloutConditions, mix_rollout_states
 from .dpo import DPOConfig
@@ -35,7 +43,7 @@ from .sequence import SequenceConfig, StageResult, run_sequence
 from .sft import SFTConfig
 
 __all__ = ["AlignConfig", "AlignResult", "align", "load_aligned", "load_cascade",
-           "reuse_alignment"]
+           "reuse_alignment", "save_cascade"]
 
 
 @dataclass
@@ -95,7 +103,12 @@ class AlignResult:
     cascade: CascadeModel | None = None
     cascade_wall_s: float = 0.0
     cascade_history: list[dict] = field(default_factory=list)
-    """Validation reward of the cascade per round (round 0: before training)."""
+    """Validation reward of the cascade per validation (round 0: the aligned model)."""
+    cascade_events: list[dict] = field(default_factory=list)
+    """Collapse events of the refiner's training (aligned mode)."""
+    cascade_passes: list[dict] = field(default_factory=list)
+    """Per refinement pass 0..P on the validation states: ``val_reward``, ``coherency`` and
+    ``distance`` from the aligned sample (:func:`~diffalign.align.cascade.pass_metrics`)."""
     final: dict = field(default_factory=dict)
     """``{"stage", "reason", "heldout"}``: the stage chosen as the answer (``"reference"``
     when none is reliably better), see :func:`~diffalign.align.final_stage.choose_final`."""
@@ -196,10 +209,15 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
     if cfg.cascade is not None:
         t0 = time.perf_counter()
         refiner = train_cascade(setup, net, cfg.cascade, seed=cfg.seed, progress=progress,
-                                history=result.cascade_history)
+                                history=result.cascade_history, events=result.cascade_events,
+                                guard=cfg.sequence.guard)
         result.cascade_wall_s = time.perf_counter() - t0
-        result.cascade = CascadeModel(model, net, refiner)
-        stage_heldout["cascade"] = heldout_rewards(setup, heldout, model=result.cascade.merged(),
+        result.cascade = CascadeModel(
+            model, net, refiner, passes=cfg.cascade.passes,
+            refine_frac=cfg.cascade.refine_frac if cfg.cascade.mode == "aligned" else None)
+        fast = result.cascade.merged()
+        result.cascade_passes = pass_metrics(setup, fast)
+        stage_heldout["cascade"] = heldout_rewards(setup, heldout, model=fast,
                                                    seed=cfg.final.seed)
     name, reason, table = choose_final(ref_heldout, stage_heldout, cfg.final.z,
                                        weight=pess_info.get("weight", 0.0))
@@ -208,10 +226,8 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
         out = Path(out_dir)
         if online is not None:
             critic.save(out / "critic_online")
-        if refiner is not None:
-            save_tensors(out / "cascade" / "refiner.safetensors", refiner.state_dict())
-            write_json(out / "cascade" / "config.json", {"kind": "cascade_refiner",
-                                                         "extra_dim": refiner.extra_dim})
+        if result.cascade is not None:
+            save_cascade(result.cascade, out / "cascade")
         write_json(out / "align.json", {
             "reference_val_reward": ref_reward,
             "conditions": {"train": len(states), "val": len(val), **conditions_info},
@@ -222,6 +238,11 @@ def align(model, critic, episodes, cfg: AlignConfig, out_dir: str | Path | None 
                        for s in stages],
             "cascade_wall_s": result.cascade_wall_s,
             "cascade_history": result.cascade_history,
+            "cascade": None if result.cascade is None else {
+                "mode": result.cascade.mode, "passes": result.cascade.passes,
+                "refine_frac": result.cascade.refine_frac,
+                "refiner": result.cascade.refiner is not None,
+                "pass_metrics": result.cascade_passes, "events": result.cascade_events},
             "events": events,
             "final": result.final,
             "pessimism": pess_info,
@@ -315,14 +336,40 @@ def load_aligned(ref_dir: str | Path, align_dir: str | Path, device: str = "cpu"
     return model
 
 
-def load_cascade(model, align_dir: str | Path) -> CascadeModel:
-    """The cascade of ``align_dir`` appended after an aligned ``model``."""
+def save_cascade(casc: CascadeModel, directory: str | Path) -> Path:
+    """Write ``casc``'s refiner (``refiner.safetensors``; no tensors when the cascade is the
+    aligned model itself) and how it is applied (``config.json``) into ``directory``."""
+    directory = Path(directory)
+    refiner = casc.refiner
+    save_tensors(directory / "refiner.safetensors",
+                 {} if refiner is None else refiner.state_dict())
+    write_json(directory / "config.json", {
+        "kind": "cascade_refiner", "mode": casc.mode, "refiner": refiner is not None,
+        "extra_dim": 0 if refiner is None else int(refiner.extra_dim),
+        "refine_frac": casc.refine_frac, "passes": casc.passes})
+    return directory
+
+
+def load_cascade(model, align_dir: str | Path, passes: int | None = None) -> CascadeModel:
+    """The cascade of ``align_dir`` appended after an aligned ``model``, applied ``passes``
+    times (default: as it was trained)."""
     path = Path(align_dir) / "cascade" / "refiner.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{align_dir} has no trained cascade ({path} is missing)")
-    refiner = build_refiner(model)
-    refiner.load_state_dict(load_tensors(path, device=model.device))
-    return CascadeModel(model, model.net, refiner.eval())
+    cfg_path = path.parent / "config.json"
+    info = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    aligned = info.get("mode", "supervised") == "aligned"  # earlier runs: supervised
+    refiner = None
+    if info.get("refiner", True):
+        extra = int(info.get("extra_dim", 0 if aligned else ref_shape(model)[0]))
+        refiner = refiner_skeleton(model, extra)
+        try:
+            refiner.load_state_dict(load_tensors(path, device=model.device))
+        except RuntimeError as e:
+            raise CheckpointError(f"the refiner in {path} does not fit this model: {e}") from e
+        refiner = freeze(refiner)
+    return CascadeModel(model, model.net, refiner, passes=passes or int(info.get("passes", 1)),
+                        refine_frac=info.get("refine_frac", 0.3) if aligned else None)
 
 
 def reuse_alignment(model, align_dir: str | Path, cascade: bool = True):

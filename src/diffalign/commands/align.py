@@ -29,6 +29,9 @@ class AlignArgs:
     """Maximum updates of one method per pass (each stops earlier on a plateau)."""
     cascade: bool = True
     """Also train the cascaded refiner."""
+    cascade_passes: int = 1
+    """Refinement passes of the cascade at inference (align.json's "cascade" section records
+    each pass's validation reward, coherency and distance from the aligned sample)."""
     merge: bool = False
     """Also save a plain checkpoint with the adapter merged into the weights."""
     lora_rank: int = 8
@@ -174,9 +177,11 @@ class AlignArgs:
         if not 0 <= self.rollout_conditions <= 1:
             raise ValueError(f"rollout_conditions must be in [0, 1], got rollout_conditions="
                              f"{self.rollout_conditions}")
-        if self.passes < 1 or self.max_updates < 1 or self.lora_rank < 1:
+        if (self.passes < 1 or self.max_updates < 1 or self.lora_rank < 1
+                or self.cascade_passes < 1):
             raise ValueError(f"passes={self.passes}, max_updates={self.max_updates}, lora_rank="
-                             f"{self.lora_rank} must be >= 1")
+                             f"{self.lora_rank}, cascade_passes={self.cascade_passes} must be "
+                             ">= 1")
 
 
 def align_main(args: AlignArgs) -> dict:
@@ -213,6 +218,8 @@ def align_main(args: AlignArgs) -> dict:
                                   critic_steps=args.online_critic_steps)
     if not args.cascade:
         cfg.cascade = None
+    else:
+        cfg.cascade = replace(cfg.cascade, passes=args.cascade_passes)
     res = align(model, critic, task.episodes, cfg, out_dir=args.out, progress=args.progress,
                 merge=args.merge, make_env=task.make_env)
     summary = {"reference_val_reward": res.reference_reward,

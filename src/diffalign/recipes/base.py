@@ -101,11 +101,17 @@ class Recipe:
     sft_epochs: int | None = None
     """SFT: epochs over the kept samples per round."""
     cascade_rounds: int = 2
-    """Rounds of the cascaded refiner."""
+    """Rounds of the cascaded refiner (aligned mode: the most updates of each method)."""
     cascade_steps: int = 25
-    """Optimiser steps per cascade round."""
+    """Optimiser steps per cascade round (supervised mode)."""
     cascade_states: int = 32
     """States per cascade round."""
+    cascade_passes: int = 1
+    """Refinement passes of the cascade at inference (more than one is known to lower
+    coherency; align.json records each pass's reward and coherency)."""
+    cascade_mode: str = "aligned"
+    """How the refiner is trained: "aligned" (its own adapter, by SFT and QV-PG on
+    re-noised aligned samples) or "supervised" (regression on best-of-branches pairs)."""
     denoise_steps: int | None = None
     """Denoising steps the foundation samples with, in alignment, evaluation and later use
     (its process's ``default_steps``; None: the process's own)."""
@@ -195,7 +201,8 @@ class Recipe:
         for name, choices in (("rl_algo", ("qvpg", "ppo", "reinforce")),
                               ("rl_credit", ("none", "decreasing", "x0_similarity")),
                               ("sft_likelihood", ("data", "current")),
-                              ("sft_source", ("current", "reference"))):
+                              ("sft_source", ("current", "reference")),
+                              ("cascade_mode", ("aligned", "supervised"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"recipe {name} must be one of {', '.join(choices)}, got "
                                  f"{name}={getattr(self, name)!r}")
@@ -325,7 +332,8 @@ class Recipe:
         if cascade:
             cfg.cascade = replace(cfg.cascade, rounds=self.cascade_rounds,
                                   steps_per_round=self.cascade_steps,
-                                  states_per_update=self.cascade_states)
+                                  states_per_update=self.cascade_states,
+                                  passes=self.cascade_passes, mode=self.cascade_mode)
         else:
             cfg.cascade = None
         return cfg
