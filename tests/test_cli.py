@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from diffalign.cli import COMMANDS, main
 
 
@@ -66,3 +68,22 @@ def test_align_bad_online_and_dpo_pair_values_exit_2(tmp_path, capsys):
     assert main([*base, "--rollout-conditions", "1.5"]) == 2
     assert "rollout_conditions=1.5" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["run", "nav1d/full", "--out", "x", "--recipe", "max_iters=3"], "max_updates=3"),
+    (["run", "nav1d/full", "--out", "x", "--passes", "0"], "passes=0"),
+    (["collect", "metaworld/button-press-v3", "--policy", "replay"], "'replay'"),
+])
+def test_argument_checks_print_one_line_and_exit_2(argv, named, capsys, tmp_path,
+                                                   monkeypatch):
+    """A command's own argument checks (its __post_init__) reach the user as one line, not
+    as the framed box the argument parser draws around a ValueError, and write nothing."""
+    from diffalign.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"diffalign {argv[0]}: error: ")
+    assert named in err[0]
+    assert list(tmp_path.iterdir()) == []

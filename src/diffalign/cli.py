@@ -98,7 +98,32 @@ USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, Fi
                                                  IsADirectoryError, NotADirectoryError)
 
 
+class _BadArguments(Exception):
+    """A :class:`UserError` of a command's argument checks, carried past tyro (which would
+    draw a multi-line box around any ValueError raised while it builds the arguments)."""
+
+
+def _checked(cfg_cls: type) -> type:
+    """``cfg_cls`` whose ``__post_init__`` raises its UserErrors as :class:`_BadArguments`."""
+    post = getattr(cfg_cls, "__post_init__", None)
+    if post is None:
+        return cfg_cls
+
+    def __post_init__(self):
+        try:
+            post(self)
+        except UserError as e:
+            raise _BadArguments(e) from None
+
+    return type(cfg_cls.__name__, (cfg_cls,), {"__post_init__": __post_init__,
+                                               "__doc__": cfg_cls.__doc__,
+                                               "__module__": cfg_cls.__module__,
+                                               "__qualname__": cfg_cls.__qualname__})
+
+
 def _report(name: str, e: BaseException) -> int:
+    if isinstance(e, _BadArguments):
+        e = e.args[0]
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     line = " ".join(str(msg).split()) or type(e).__name__
     print(f"diffalign {name}: error: {line}", file=sys.stderr)
@@ -134,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg_cls, fn = COMMANDS[name].load()
     try:
         try:
-            cfg = tyro.cli(cfg_cls, args=rest, prog=f"diffalign {name}",
+            cfg = tyro.cli(_checked(cfg_cls), args=rest, prog=f"diffalign {name}",
                            description=COMMANDS[name].summary)
         except SystemExit as e:  # --help (0) or a parse/validation error tyro reported (2)
             return int(e.code or 0)
