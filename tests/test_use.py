@@ -2,7 +2,7 @@
 
 A tiny but real run directory is built once: a foundation trained a few steps, a critic,
 a perturbed LoRA adapter as stage "rl", an untrained cascade refiner, and each stage
-evaluated the way ``diffalign run nav1d`` evaluates it (``run_jobs.eval_job``)."""
+evaluated the way ``diffalign run nav1d`` evaluates it (``pipeline.jobs.eval_job``)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def run_dir(tmp_path_factory):
     from diffalign.align.common import freeze
     from diffalign.align.lora import add_lora, merged_copy, save_adapter
     from diffalign.atomic import write_json
-    from diffalign.commands.run_jobs import eval_job, save_stage_weights
+    from diffalign.pipeline.jobs import eval_job, save_stage_weights
     from diffalign.commands.train import TrainArgs, train_model
     from diffalign.eval.evaluate import evaluate
     from diffalign.models.base import ControlModel
