@@ -27,11 +27,11 @@ def run_dir(tmp_path_factory):
     from diffalign.align.common import freeze
     from diffalign.align.lora import add_lora, merged_copy, save_adapter
     from diffalign.atomic import write_json
-    from diffalign.pipeline.jobs import eval_job, save_stage_weights
     from diffalign.commands.train import TrainArgs, train_model
     from diffalign.eval.evaluate import evaluate
     from diffalign.models.base import ControlModel
     from diffalign.models.critic import CriticConfig, load_critic, train_critic
+    from diffalign.pipeline.jobs import eval_job, save_stage_weights
     from diffalign.tasks import resolve_task
     from diffalign.train.checkpoint import save_tensors
 
