@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import train_tiny_dp
+from conftest import TargetActionCritic, train_tiny_dp
 from diffalign.align.cascade import CascadeConfig, CascadeModel, build_refiner, train_cascade
 from diffalign.align.common import AlignSetup, condition_pool, freeze, validation_reward
 from diffalign.align.dpo import DPOConfig, DPOMethod, dataset_pairs
@@ -21,16 +21,6 @@ from diffalign.tasks import resolve_task
 
 pytest.importorskip("peft")
 
-
-class TargetActionCritic(torch.nn.Module):
-    """A known reward: Q(s, a) = −(a − 0.6)², differentiable in the action."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-    def q(self, obs, act):
-        return -((act[..., 0] - 0.6) ** 2) + 0 * self.dummy
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import train_tiny_dp
+from conftest import TargetActionCritic, train_tiny_dp
 from diffalign.align.cascade import (
     CascadeConfig,
     CascadeModel,
@@ -27,16 +27,6 @@ pytest.importorskip("peft")
 
 FRAC = 0.6  # of 5 denoising steps: the refiner re-noises to the time of the last 3
 
-
-class TargetActionCritic(torch.nn.Module):
-    """A known reward: Q(s, a) = −(a − 0.6)², at most 0."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-    def q(self, obs, act):
-        return -((act[..., 0] - 0.6) ** 2) + 0 * self.dummy
 
 
 @pytest.fixture(scope="module")

@@ -730,10 +730,10 @@ def test_critic_sigkilled_after_a_checkpoint_resumes_to_the_same_critic(tmp_path
     writes the uninterrupted run's critic byte for byte, keeping the records from before
     the kill (a run that started afresh would drop the mark put on one)."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
+
+    from conftest import sigkill_after_checkpoint
 
     def cmd(out):
         return [sys.executable, "-m", "diffalign.cli", "critic", "--task", "nav1d/full",
@@ -743,21 +743,8 @@ def test_critic_sigkilled_after_a_checkpoint_resumes_to_the_same_critic(tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(cmd(whole), env=env, check=True, stdout=subprocess.DEVNULL)
-    proc = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     state = killed / "train_state" / "state.json"
-    try:
-        deadline = time.time() + 240
-        while proc.poll() is None and time.time() < deadline:
-            if state.exists() and json.loads(state.read_text() or "{}").get("step", 0) >= 1000:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "training ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    sigkill_after_checkpoint(cmd(killed), env, state, 1000)
     assert json.loads(state.read_text())["step"] < 1800  # killed before the end
     log = killed / "metrics.jsonl"
     lines = log.read_text().splitlines()

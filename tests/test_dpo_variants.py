@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import train_tiny_dp
+from conftest import TargetActionCritic, train_tiny_dp
 from diffalign.align import dpo
 from diffalign.align.common import AlignSetup, condition_pool, freeze, validation_reward
 from diffalign.align.dpo import DPOConfig, DPOMethod, diffusion_dpo_loss, snr_weight
@@ -99,16 +99,6 @@ def test_min_snr_dpo_loss_weights_each_pair_by_its_own_time(name, monkeypatch):
 
 
 # ------------------------------------------------------------------ on a tiny Nav1D policy
-class TargetActionCritic(torch.nn.Module):
-    """A known reward: Q(s, a) = −(a − 0.6)²."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-    def q(self, obs, act):
-        return -((act[..., 0] - 0.6) ** 2) + 0 * self.dummy
-
 
 @pytest.fixture(scope="module")
 def trained():

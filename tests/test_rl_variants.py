@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import train_tiny_dp
+from conftest import TargetActionCritic, train_tiny_dp
 from diffalign.align.common import (
     AlignSetup,
     condition_pool,
@@ -30,18 +30,6 @@ from diffalign.eval.metrics import candidate_entropy
 from diffalign.tasks import resolve_task
 
 pytest.importorskip("peft")
-
-
-class TargetActionCritic(torch.nn.Module):
-    """A known reward: Q(s, a) = −(a − target)², differentiable in the action."""
-
-    def __init__(self, target: float = 0.6):
-        super().__init__()
-        self.target = target
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-    def q(self, obs, act):
-        return -((act[..., 0] - self.target) ** 2) + 0 * self.dummy
 
 
 @pytest.fixture(scope="module")

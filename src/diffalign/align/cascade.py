@@ -53,7 +53,7 @@ from .common import (
 )
 from .guards import Guard, GuardConfig
 from .lora import add_lora, lora_parameters, merged_copy
-from .rl import RLConfig, RLMethod, credit_step_scales, group_scale, knn_entropy, qvpg_rollout
+from .rl import RLConfig, RLMethod
 from .sft import SFTConfig, SFTMethod
 
 __all__ = ["REFINER_METHODS", "CascadeConfig", "CascadeModel", "RefinementView", "RefinerQVPG",
@@ -296,49 +296,17 @@ class RefinerQVPG(RLMethod):
 
     name = "cascade_rl"
 
-    def _qvpg(self) -> dict[str, float]:
-        cfg, proc, net, view = self.cfg, self.process, self.net, self.model
-        n = cfg.group_size
-        obs = self.setup.draw_states(cfg.states_per_update, self.gen)
-        rows = obs.repeat_interleave(n, 0)
-        cond, inpaint, _ = expand_condition(view, obs, n)
-        total = self._steps()
-        k = refine_steps(total, view.refine_frac)
-        k_max = min(k, cfg.grad_last_k)
-        k_grad = int(torch.randint(min(cfg.grad_k_min, k_max), k_max + 1, (1,),
-                                   generator=self.gen)) if cfg.random_k else k_max
+    def _qvpg_steps(self) -> int:
+        """The refinement's steps: the last ``refine_frac`` of the chain."""
+        return refine_steps(self._steps(), self.model.refine_frac)
+
+    def _qvpg_start(self, obs: Tensor, n: int, shape) -> tuple[Tensor, object, object]:
+        """The aligned model's samples re-noised to the refinement's time, run by the tail
+        of the chain (the KL too)."""
+        view, total = self.model, self._steps()
         x_lo = view.aligned_samples(obs, self.gen, self.setup.steps).repeat_interleave(n, 0)
-        x = _start(proc, x_lo, view.refine_time(self.setup.steps), self.gen)
-        credit = cfg.credit != "none"
-        scales: list[Tensor] = []
-        x0_preds: list[Tensor] = []
-
-        def on_grad_step(st, x: Tensor) -> None:
-            x0_preds.append(st.x0_pred.detach())
-            x.register_hook(self._scale_hook(scales, len(x0_preds) - 1))
-
-        self.optimizer.zero_grad(set_to_none=True)
-        x, kl = qvpg_rollout(
-            _ChainTail(proc, total), net, x, k, k_grad, self.gen, cond=cond, inpaint=inpaint,
-            fast=self._merged() if k > k_grad else None,
-            kl_process=_ChainTail(self.kl_process, total) if cfg.kl_coef > 0 else None,
-            on_grad_step=on_grad_step if credit else None)
-        if credit:
-            lam = self._credit_weights(torch.stack(x0_preds), x.detach())
-            scales.extend(credit_step_scales(lam).T)
-        reward = self.setup.reward(x, rows)
-        objective = reward
-        if cfg.qvpg_scale == "group" and n > 1:
-            objective = reward / group_scale(reward.detach(), n)
-        loss = -objective.mean() + cfg.kl_coef * kl.mean()
-        if cfg.entropy_coef > 0:
-            entropy = knn_entropy(x, n, self._free_dim(free_mask(inpaint, x.shape), x))
-            loss = loss - cfg.entropy_coef * entropy.mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        self.optimizer.step()
-        return {"reward": float(reward.detach().mean()), "loss": float(loss.detach()),
-                "kl": float(kl.detach().mean()), "grad_last_k": k_grad}
+        x = _start(self.process, x_lo, view.refine_time(self.setup.steps), self.gen)
+        return x, _ChainTail(self.process, total), _ChainTail(self.kl_process, total)
 
 
 def _refiner_method(name: str, setup: AlignSetup, rnet: nn.Module, cfg: CascadeConfig,

@@ -498,17 +498,27 @@ class RLMethod(AdapterMethod):
 
 
     # -- QV-PG -------------------------------------------------------------------------
+    def _qvpg_steps(self) -> int:
+        """Denoising steps of the chain QV-PG samples through: the whole chain."""
+        return self._steps()
+
+    def _qvpg_start(self, obs: Tensor, n: int, shape) -> tuple[Tensor, object, object]:
+        """``(x, process, kl_process)``: where QV-PG's chain starts (pure noise), the process
+        that runs it and the one its KL is taken against."""
+        x = torch.randn(shape, generator=self.gen).to(self.model.device)
+        return x, self.process, self.kl_process
+
     def _qvpg(self) -> dict[str, float]:
-        cfg, proc, net = self.cfg, self.process, self.net
+        cfg, net = self.cfg, self.net
         n = cfg.group_size
         obs = self.setup.draw_states(cfg.states_per_update, self.gen)
         rows = obs.repeat_interleave(n, 0)
         cond, inpaint, shape = expand_condition(self.model, obs, n)
-        steps = self._steps()
+        steps = self._qvpg_steps()
         k_max = min(steps, cfg.grad_last_k)
         k_grad = int(torch.randint(min(cfg.grad_k_min, k_max), k_max + 1, (1,),
                                    generator=self.gen)) if cfg.random_k else k_max
-        x = torch.randn(shape, generator=self.gen).to(self.model.device)
+        x, proc, kl_process = self._qvpg_start(obs, n, shape)
         # credit: the gradient reaching the sample after each gradient step is multiplied
         # by that step's scale (credit_step_scales), filled in once x_0 is known
         credit = cfg.credit != "none"
@@ -523,7 +533,7 @@ class RLMethod(AdapterMethod):
         x, kl = qvpg_rollout(
             proc, net, x, steps, k_grad, self.gen, cond=cond, inpaint=inpaint,
             fast=self._merged() if steps > k_grad else None,
-            kl_process=self.kl_process if cfg.kl_coef > 0 else None,
+            kl_process=kl_process if cfg.kl_coef > 0 else None,
             on_grad_step=on_grad_step if credit else None)
         free = free_mask(inpaint, shape)
         if credit:
