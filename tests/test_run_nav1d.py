@@ -87,6 +87,18 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
             assert s["return_mean"] == by_name[ev["same_model_as"]]["return_mean"]
     # every stage was evaluated: no stage weights are left behind
     assert not list((out / "eval").glob("*/weights.safetensors"))
+    # the reference and the final stage again at 1, 2, 5 and 20 denoising steps, each
+    # with its decision rate for one environment on one thread (the quick model: 20 steps)
+    sweep = report["steps_sweep"]
+    final = report["final"]["stage"]
+    want = {(st, k) for st in {"reference", final} for k in (1, 2, 5, 20)}
+    assert {(r["stage"], r["steps"]) for r in sweep["rows"]} == want
+    assert sweep["episodes"] == recipe.steps_sweep_episodes and sweep["threads"] == 1
+    for r in sweep["rows"]:
+        ev = json.loads((out / "steps" / r["stage"] / str(r["steps"]) / "eval.json").read_text())
+        assert ev["steps"] == r["steps"] and ev["episodes"] == sweep["episodes"]
+        assert r["score"] == pytest.approx(ev["normalized"]) and r["decisions_per_s"] > 0
+    assert "## Denoising steps" in md
     _readme_quickstart(out, tmp_path, report)
     capsys.readouterr()
     # a second run finds everything on disk and only rewrites the report
@@ -425,6 +437,23 @@ def test_run_nav1d_rl_flags_reach_align_config(tmp_path, monkeypatch):
                  str(tmp_path / "y")]) == 0
     rl = seen["opts"].recipe.align_config(True, ("rl",), 0).rl
     assert (rl.random_k, rl.grad_k_min, rl.grad_last_k) == (True, 2, 5)
+
+
+def test_deploy_steps_set_the_steps_every_stage_samples_with(tmp_path, monkeypatch, capsys):
+    import diffalign.pipeline as pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda opts: seen.update(opts=opts))
+    for cmd in (["nav1d"], ["nav1d/expert", "--recipe", "eval_episodes=3"]):
+        assert main(["run", *cmd, "--deploy-steps", "2", "--out", str(tmp_path / "x")]) == 0
+        assert seen["opts"].recipe.denoise_steps == 2  # the foundation's sampling steps
+        fcfg = seen["opts"].recipe.foundation_config("diffuser", "ddpm", 0, "cpu")
+        assert fcfg.sample_steps == 2
+    assert main(["run", "nav1d", "--out", str(tmp_path / "x")]) == 0
+    assert seen["opts"].recipe.denoise_steps is None
+    assert main(["run", "nav1d", "--deploy-steps", "0", "--out", str(tmp_path / "y")]) == 2
+    assert "deploy_steps=0" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 @pytest.mark.parametrize("flags, named", [

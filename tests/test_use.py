@@ -269,3 +269,17 @@ def test_load_policy_executes_a_policys_queued_actions(tmp_path):
     make_env = functools.partial(gym.make, "diffalign/Nav1D-v0")
     res = rollout(policy.model, make_env, episodes=1, seed=5)
     assert total == pytest.approx(float(res.returns[0]), abs=1e-9)
+
+
+def test_compiled_policy_acts_as_the_eager_one(run_dir):
+    import diffalign
+
+    eager = diffalign.load_policy(run_dir, stage="rl", seed=SEED)
+    fast = diffalign.load_policy(run_dir, stage="rl", seed=SEED, compile=True)
+    assert fast.model.net is not eager.model.net
+    env = eager.make_env()
+    obs, _ = env.reset(seed=SEED)
+    for _ in range(3):  # frozen weights, generated C++: the same actions to float rounding
+        a = eager.act(obs)
+        np.testing.assert_allclose(fast.act(obs), a, rtol=0, atol=1e-5)
+        obs, *_ = env.step(a)

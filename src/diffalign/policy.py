@@ -27,7 +27,33 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Policy", "load_policy"]
+__all__ = ["Policy", "compile_denoisers", "load_policy"]
+
+
+def compile_denoisers(model):
+    """Compile ``model``'s denoising networks with TorchInductor for inference, in place
+    (also a cascade's aligned net and refiner); returns ``model``.
+
+    On a CPU the graph is frozen (weights folded in as constants) and run from generated
+    C++ (``cpp_wrapper``), which removes most of the per-operation overhead that dominates
+    one-candidate decisions; shapes are fixed, so each new batch size compiles once more.
+    Compilation happens at the first decision and takes tens of seconds. Decisions must run
+    without gradients (as :meth:`Policy.act` does); the samples equal the eager model's to
+    float rounding (tests/test_use.py)."""
+    import torch
+
+    options = {"freezing": True, "cpp_wrapper": True} if model.device.type == "cpu" else {}
+
+    def fast(net):
+        return torch.compile(net, dynamic=False, options=options)
+
+    if hasattr(model, "_aligned"):  # a CascadeModel
+        model._aligned = fast(model._aligned)
+        if model._refiner is not None:
+            model._refiner = fast(model._refiner)
+    else:
+        model.net = fast(model.net)
+    return model
 
 
 class Policy:
@@ -36,7 +62,7 @@ class Policy:
 
     def __init__(self, model, candidates: int = 1, critic=None, stage: str | None = None,
                  seed: int = 0, steps: int | None = None, selection: str = "auto",
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, compile: bool = False) -> None:
         from .models.selection import resolve_selection
 
         if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
@@ -57,6 +83,8 @@ class Policy:
         self._hist: deque = deque(maxlen=model.spec.obs_history)
         self._queue: deque = deque()
         model.eval()
+        if compile:
+            compile_denoisers(model)
 
     def reset(self, seed: int | None = None) -> None:
         """Forget the episode's observations and queued actions (call at every env reset);
@@ -100,9 +128,12 @@ class Policy:
 
 
 def load_policy(path: str | Path, stage: str | None = None, seed: int = 0,
-                device: str = "cpu", steps: int | None = None) -> Policy:
+                device: str = "cpu", steps: int | None = None, compile: bool = False
+                ) -> Policy:
     """The policy of ``path``: an exported stage, a run directory (its final stage, or
-    ``stage``) or a plain model directory; samples from generator seed ``seed``."""
+    ``stage``) or a plain model directory; samples from generator seed ``seed`` with
+    ``steps`` denoising steps (default: those the run aligned for, ``--deploy-steps``).
+    ``compile``: compile the denoiser for faster decisions (:func:`compile_denoisers`)."""
     from .models.critic import load_critic
     from .runs import UserError, load_dir
 
@@ -114,4 +145,4 @@ def load_policy(path: str | Path, stage: str | None = None, seed: int = 0,
                             "has no critic")
         critic = load_critic(st.critic_dir, device=device)
     return Policy(st.model, candidates=st.candidates, critic=critic, stage=st.name, seed=seed,
-                  steps=steps)
+                  steps=steps, compile=compile)

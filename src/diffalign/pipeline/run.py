@@ -503,6 +503,16 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
     for w in warnings:
         _log(f"warning: {w['reason']}")
 
+    sweep = None
+    if R.steps_sweep_episodes:
+        from ..eval.steps_sweep import SWEEP_STEPS, steps_sweep, sweep_stages
+
+        own = stages[0]["denoise_steps"]
+        sweep = steps_sweep(out, sweep_stages(final_row(final, stages)["stage"]),
+                            steps=SWEEP_STEPS + ((own,) if own else ()),
+                            episodes=R.steps_sweep_episodes, seed=opts.seed,
+                            device=opts.device, metric=metric, log=_log)
+
     report = {"task": opts.task}
     if opts.nav1d:
         report.update(dataset=opts.task.split("/", 1)[1], model=opts.model,
@@ -521,6 +531,7 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
         "final": final_row(final, stages),
         "action_coverage": coverage,
         "events": warnings + events,
+        "steps_sweep": sweep,
         "alignment_seconds": align_train_s,
         "foundation_seconds": foundation_s,
         "alignment_fraction_of_foundation": (None if foundation_s is None

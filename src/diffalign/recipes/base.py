@@ -125,6 +125,9 @@ class Recipe:
     """Episodes in the environment from held-out starts (reset seeds apart from the
     evaluation's) on which the final stage is chosen (docs/design.md §9); 0: chosen by the
     critic on held-out dataset states instead."""
+    steps_sweep_episodes: int = 0
+    """Episodes of the steps sweep: the reference and the final stage evaluated and timed at
+    1, 2, 5 and 20 denoising steps (report ``steps_sweep``, docs/design.md §10); 0: none."""
 
     # ---------------------------------------------------------------- models
     planner_state_cond: bool = False
@@ -347,9 +350,9 @@ class Recipe:
         return _given(grad_last_k=self.rl_grad_k)
 
 
-_MAY_BE_ZERO = {"ref_candidates", "select_episodes", "cond_fourier", "covered_backup_actions",
-                "covered_backup_refine", "covered_rollout_conditions", "covered_rl_kl",
-                "rl_kl", "critic_expectile", "rl_entropy_coef"}
+_MAY_BE_ZERO = {"ref_candidates", "select_episodes", "steps_sweep_episodes", "cond_fourier",
+                "covered_backup_actions", "covered_backup_refine", "covered_rollout_conditions",
+                "covered_rl_kl", "rl_kl", "critic_expectile", "rl_entropy_coef"}
 _REALS = {"rl_kl", "rl_entropy_coef", "covered_rl_kl", "covered_sft_lr", "covered_rl_lr",
           "critic_expectile", "covered_at", "covered_rollout_conditions"}
 

@@ -41,6 +41,8 @@ class Nav1DRecipe(Recipe):
     """SFT's updates (rounds) are the job's dearest; 20 keep it near 10 minutes."""
     eval_episodes: int = 64
     """64 episodes per stage keep the job near 10 minutes (the paper preset takes 200)."""
+    steps_sweep_episodes: int = 32
+    """Nav1D episodes are cheap: the reference and final stage at 1, 2, 5 and 20 steps."""
     planner_state_cond: bool = True
     """The best action is a sharp function of (x, t): the planner sees the state everywhere."""
     cond_fourier: int = 16
@@ -81,7 +83,8 @@ NAV1D_PRESETS: dict[str, Nav1DRecipe] = {
     "quick": replace(_DEFAULT, data_episodes=200, foundation_steps=400, critic_steps=800,
                      dynamics_steps=300, max_updates=4, eval_every=2, patience=2,
                      rl_updates=None, rl_eval_every=None, dpo_updates=None, sft_updates=None,
-                     eval_episodes=8, ref_eval_episodes=4, cascade_rounds=1, cascade_steps=10,
+                     eval_episodes=8, ref_eval_episodes=4, steps_sweep_episodes=2,
+                     cascade_rounds=1, cascade_steps=10,
                      cascade_states=8, conditions=128, val_conditions=32, rl_states=8,
                      rl_group=4, rl_ppo_epochs=1, dpo_states=16, dpo_candidates=4,
                      dpo_updates_per_batch=1, sft_states=16, sft_candidates=8, sft_epochs=2),

@@ -31,6 +31,21 @@ def stage_table(report: dict, value_key: str, label: str) -> list[str]:
     return lines
 
 
+def steps_lines(report: dict) -> list[str]:
+    """The steps sweep as a table: score and decision rate per stage and step count."""
+    sweep = report.get("steps_sweep")
+    if not sweep or not sweep.get("rows"):
+        return []
+    lines = ["", f"## Denoising steps ({sweep['episodes']} episodes each; decisions/s for one "
+             "environment on one CPU thread)", "",
+             "| stage | steps | score | return | decisions/s |", "|---|---|---|---|---|"]
+    for r in sweep["rows"]:
+        score = "n/a" if r.get("score") is None else f"{r['score']:.1f}"
+        lines.append(f"| {r['stage']} | {r['steps']} | {score} | {r['return_mean']:.2f} ± "
+                     f"{r['return_std']:.2f} | {r['decisions_per_s']:.0f} |")
+    return lines
+
+
 def closing_lines(report: dict, pictures: str) -> list[str]:
     """The final stage and why, the data's coverage, the alignment's time, the events."""
     lines: list[str] = []
@@ -44,6 +59,7 @@ def closing_lines(report: dict, pictures: str) -> list[str]:
     if report.get("action_coverage") is not None:
         lines += ["", f"Action coverage of the data: {report['action_coverage']:.2f} "
                   "(1: every action tried near every state)."]
+    lines += steps_lines(report)
     if report.get("foundation_seconds") is None:  # trained elsewhere: no time to compare
         lines += ["", f"Alignment training took {report['alignment_seconds']:.0f} s.", "",
                   "## Events", ""]
