@@ -128,3 +128,24 @@ def test_train_command_end_to_end_and_bad_inputs(tmp_path):
         assert not target.exists()
     with pytest.raises(ValueError, match="steps"):
         TrainArgs(out=tmp_path / "x", steps=0)
+
+
+def test_decision_rate_times_one_environment_on_the_threads_asked(tmp_path):
+    from diffalign.eval.steps_sweep import decision_rate
+
+    model, _ = _saved_model(tmp_path, "diffuser")
+    before = torch.get_num_threads()
+    calls = []
+    sample = model.sample
+
+    def counted(obs, n=1, **k):
+        calls.append((tuple(obs.shape), n, k["steps"], torch.get_num_threads()))
+        return sample(obs, n, **k)
+
+    model.sample = counted
+    assert decision_rate(model, steps=2, candidates=3, critic=_Critic(), repeats=4) > 0
+    # one observation history, 3 candidates, 2 steps, one thread; two warm-up calls
+    assert calls == [((1, model.spec.obs_history, 2), 3, 2, 1)] * 6
+    assert torch.get_num_threads() == before  # restored
+    with pytest.raises(ValueError, match="repeats=0"):
+        decision_rate(model, repeats=0)
