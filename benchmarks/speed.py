@@ -13,7 +13,8 @@ Measured, each as the median of ``--repeats``:
 * train step: ``model.loss`` forward + backward + AdamW at batch 64;
 * decisions for one state: 64 candidates × 20 steps, 1 × 5 and 1 × 2 steps.
 
-Options: ``plain`` (fp32, eager: the reference every ratio divides), ``bf16`` (autocast to
+Options: ``plain`` (fp32, eager, torch's default AdamW: the reference every ratio divides),
+``fusedadam`` (AdamW's fused kernel, as the project's trainer uses it), ``bf16`` (autocast to
 bfloat16; on a CPU only where oneDNN has bf16 kernels, else skipped), ``compiled``
 (decisions only: :func:`diffalign.policy.compile_denoisers`, TorchInductor with frozen
 weights and the C++ wrapper; its compile time is printed apart). A ratio above 1 is faster
@@ -62,9 +63,9 @@ def _autocast(on: bool, device: torch.device):
             else contextlib.nullcontext())
 
 
-def train_ms(model, ds, device, repeats: int, bf16: bool) -> float:
+def train_ms(model, ds, device, repeats: int, bf16: bool, fused: bool = False) -> float:
     model = copy.deepcopy(model).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
     g = torch.Generator().manual_seed(0)
     batch = ds.sample(64, g)
 
@@ -97,9 +98,14 @@ def bench(problem: str, device: torch.device, repeats: int) -> list[dict]:
     rows = []
     plain = train_ms(model, ds, device, repeats, False)
     rows.append(dict(problem=problem, what="train step b64", option="plain", ms=plain))
+    rows.append(dict(problem=problem, what="train step b64", option="fusedadam",
+                     ms=train_ms(model, ds, device, repeats, False, fused=True), plain_ms=plain))
     if bf16:
         rows.append(dict(problem=problem, what="train step b64", option="bf16",
                          ms=train_ms(model, ds, device, repeats, True), plain_ms=plain))
+        rows.append(dict(problem=problem, what="train step b64", option="bf16+fused",
+                         ms=train_ms(model, ds, device, repeats, True, fused=True),
+                         plain_ms=plain))
     fast = compile_denoisers(copy.deepcopy(model))
     compile_s = {}
     for what, n, steps in DECISIONS:
@@ -137,11 +143,11 @@ def main():
     rows = [r for p in args.problems for r in bench(p, device, args.repeats)]
     print(f"device: {name}; bf16 kernels: {bf16_is_fast(str(device))}; ratio = plain ms / "
           "option ms (>1: faster)")
-    print(f"{'problem':7} {'params':>9} {'measure':15} {'option':9} {'ms':>9} {'ratio':>6} "
+    print(f"{'problem':7} {'params':>9} {'measure':15} {'option':10} {'ms':>9} {'ratio':>6} "
           f"{'compile s':>9}")
     for r in rows:
         cs = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
-        print(f"{r['problem']:7} {r['params']:>9,} {r['what']:15} {r['option']:9} "
+        print(f"{r['problem']:7} {r['params']:>9,} {r['what']:15} {r['option']:10} "
               f"{r['ms']:>9.2f} {r['ratio']:>6.2f} {cs:>9}")
     if args.json:
         with open(args.json, "w") as f:
