@@ -454,6 +454,12 @@ def test_deploy_steps_set_the_steps_every_stage_samples_with(tmp_path, monkeypat
     assert main(["run", "nav1d", "--deploy-steps", "0", "--out", str(tmp_path / "y")]) == 2
     assert "deploy_steps=0" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+    monkeypatch.undo()  # the real pipeline: a step count the process cannot take stops it
+    for cmd in (["nav1d", "--deploy-steps", "500"],
+                ["nav1d/full", "--recipe", "denoise_steps=500"]):
+        assert main(["run", *cmd, "--out", str(tmp_path / "z")]) == 2
+        assert "deploy_steps=500" in capsys.readouterr().err
+        assert not (tmp_path / "z").exists()  # before anything is written
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -61,7 +61,7 @@ class _RunFlags:
     deploy_steps: int | None = None
     """Denoising steps of the policy you will deploy: the alignment, every stage's
     evaluation and the exported policy sample with this many, so the adapter is trained for
-    them (the recipe's denoise_steps; default: the process's own, 20 for DDPM/DDIM). On
+    them (the recipe's denoise_steps; default: the process's own, 20 for DDPM, 10 for DDIM). On
     nav1d/full, 2 steps gave 94.0% of the optimum at about 10x the 20-step decision rate."""
     seed: int = 0
     """Seed of every step."""
@@ -113,6 +113,16 @@ class _RunFlags:
 
         if self.deploy_steps is not None:
             recipe = replace(recipe, denoise_steps=self.deploy_steps)
+        if recipe.denoise_steps is not None:  # the process's own check, before any work
+            from ..models.registry import PROCESS_DEFAULTS
+            from ..processes import build_process
+
+            try:
+                build_process(self.process, **{**PROCESS_DEFAULTS[self.process],
+                                               "default_steps": recipe.denoise_steps})
+            except ValueError as e:
+                raise UserError(f"deploy_steps={recipe.denoise_steps} does not fit process "
+                                f"{self.process!r}: {e}") from e
         return RunOptions(
             task=task, out=self.out, recipe=recipe, model=self.model, process=self.process,
             preset=self.preset, layout_seed=self.layout_seed,
