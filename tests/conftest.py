@@ -65,3 +65,29 @@ def sigkill_after_checkpoint(cmd, env, state, step: int, deadline_s: float = 240
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def killed_and_resumed(cmd, tmp_path, steps: int, kill_at: int = 1000):
+    """Run the training command ``cmd(out)`` whole, and again SIGKILLed after its
+    ``kill_at`` checkpoint and resumed; returns the resumed run's directory. Checks that the
+    kill came before the end (``steps``), that the resume kept the records from before the
+    kill (a mark on the first one survives: a run that started afresh, being seeded, would
+    write the same bytes but drop it), and that it wrote the whole run's model byte for byte."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(cmd(whole), env=env, check=True, stdout=subprocess.DEVNULL)
+    state = killed / "train_state" / "state.json"
+    sigkill_after_checkpoint(cmd(killed), env, state, kill_at)
+    assert json.loads(state.read_text())["step"] < steps  # killed before the end
+    log = killed / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    lines[0] = json.dumps({**json.loads(lines[0]), "mark": 1})
+    log.write_text("\n".join(lines) + "\n")
+    subprocess.run(cmd(killed), env=env, check=True, stdout=subprocess.DEVNULL)
+    assert json.loads(log.read_text().splitlines()[0]).get("mark") == 1
+    assert (killed / "model.safetensors").read_bytes() == \
+        (whole / "model.safetensors").read_bytes()
+    return killed

@@ -729,28 +729,13 @@ def test_critic_sigkilled_after_a_checkpoint_resumes_to_the_same_critic(tmp_path
     """`diffalign critic` killed by SIGKILL after its step-1000 checkpoint and run again
     writes the uninterrupted run's critic byte for byte, keeping the records from before
     the kill (a run that started afresh would drop the mark put on one)."""
-    import os
-    import subprocess
     import sys
 
-    from conftest import sigkill_after_checkpoint
+    from conftest import killed_and_resumed
 
     def cmd(out):
         return [sys.executable, "-m", "diffalign.cli", "critic", "--task", "nav1d/full",
                 "--episodes", "100", "--steps", "1800", "--hidden", "64", "--seed", "0",
                 "--no-progress", "--out", str(out)]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(cmd(whole), env=env, check=True, stdout=subprocess.DEVNULL)
-    state = killed / "train_state" / "state.json"
-    sigkill_after_checkpoint(cmd(killed), env, state, 1000)
-    assert json.loads(state.read_text())["step"] < 1800  # killed before the end
-    log = killed / "metrics.jsonl"
-    lines = log.read_text().splitlines()
-    lines[0] = json.dumps({**json.loads(lines[0]), "mark": 1})
-    log.write_text("\n".join(lines) + "\n")
-    subprocess.run(cmd(killed), env=env, check=True, stdout=subprocess.DEVNULL)
-    assert json.loads(log.read_text().splitlines()[0]).get("mark") == 1
-    assert (killed / "model.safetensors").read_bytes() == \
-        (whole / "model.safetensors").read_bytes()
+    killed_and_resumed(cmd, tmp_path, steps=1800)

@@ -477,34 +477,16 @@ def test_train_sigkilled_after_a_checkpoint_resumes_to_the_same_model(tmp_path):
     """`diffalign train` killed by SIGKILL (no clean-up) after its step-1000 checkpoint and
     run again writes the same model, byte for byte, as a run never killed."""
     import json
-    import os
-    import subprocess
     import sys
 
-    from conftest import sigkill_after_checkpoint
+    from conftest import killed_and_resumed
 
     def cmd(out):
         return [sys.executable, "-m", "diffalign.cli", "train", "--task", "nav1d/full",
                 "--episodes", "100", "--model", "dp", "--process", "ddim", "--steps", "1150",
                 "--seed", "0", "--no-progress", "--out", str(out)]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(cmd(whole), env=env, check=True, stdout=subprocess.DEVNULL)
-    state = killed / "train_state" / "state.json"
-    sigkill_after_checkpoint(cmd(killed), env, state, 1000)
-    assert json.loads(state.read_text())["step"] < 1150  # killed before the end
-    # a mark on a record from before the kill: a resume keeps the records up to its
-    # checkpoint, a run that started afresh (the same bytes, being seeded) would drop it
-    log = killed / "metrics.jsonl"
-    lines = log.read_text().splitlines()
-    first = json.loads(lines[0])
-    lines[0] = json.dumps({**first, "mark": 1})
-    log.write_text("\n".join(lines) + "\n")
-    subprocess.run(cmd(killed), env=env, check=True, stdout=subprocess.DEVNULL)
-    assert json.loads(log.read_text().splitlines()[0]).get("mark") == 1
-    assert (killed / "model.safetensors").read_bytes() == \
-        (whole / "model.safetensors").read_bytes()
+    killed = killed_and_resumed(cmd, tmp_path, steps=1150)
     steps = [json.loads(line)["step"] for line in
              (killed / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
     assert steps == sorted(set(steps))  # the resumed run logged no step twice

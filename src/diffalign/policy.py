@@ -42,12 +42,14 @@ def compile_denoisers(model):
     float rounding (tests/test_use.py)."""
     import torch
 
+    from .align.cascade import CascadeModel
+
     options = {"freezing": True, "cpp_wrapper": True} if model.device.type == "cpu" else {}
 
     def fast(net):
         return torch.compile(net, dynamic=False, options=options)
 
-    if hasattr(model, "_aligned"):  # a CascadeModel
+    if isinstance(model, CascadeModel):
         model._aligned = fast(model._aligned)
         if model._refiner is not None:
             model._refiner = fast(model._refiner)

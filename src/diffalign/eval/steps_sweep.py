@@ -65,14 +65,12 @@ def sweep_stages(final: str) -> list[str]:
 
 
 def steps_sweep(run_dir: str | Path, stages: list[str], steps: tuple[int, ...] = SWEEP_STEPS,
-                episodes: int = 50, seed: int = 0, device: str = "cpu",
-                metric: str | None = None, log=None) -> dict:
+                episodes: int = 50, seed: int = 0, device: str = "cpu", log=None) -> dict:
     """Evaluate each of ``stages`` of the run in ``run_dir`` at each step count of ``steps``
     (``episodes`` episodes from reset seeds ``seed + i``, as the stage evaluations) and time
     its decisions (:func:`decision_rate`). Returns the report's ``steps_sweep`` section:
     ``{"episodes", "threads", "rows": [{"stage", "steps", "return_mean", "return_std",
-    "normalized", "success_rate", "score", "decisions_per_s"}, …]}``; ``score`` is the row
-    in ``metric`` (:func:`~diffalign.pipeline.run.stage_score`)."""
+    "normalized", "success_rate", "decisions_per_s"}, …]}``."""
     from ..atomic import write_json
     from ..models.critic import load_critic
     from ..runs import load_stage
@@ -103,22 +101,17 @@ def steps_sweep(run_dir: str | Path, stages: list[str], steps: tuple[int, ...] =
             row = {"stage": name, "steps": s, "return_mean": res["return_mean"],
                    "return_std": res["return_std"], "normalized": res.get("normalized"),
                    "success_rate": res.get("success_rate"), "decisions_per_s": rate}
-            row["score"] = _score(row, metric)
             rows.append(row)
             if log is not None:
-                log(f"steps: {name} at {s} step{'s' if s > 1 else ''}: "
-                    f"{_text(row, metric)}, {rate:.0f} decisions/s (1 env, 1 thread)")
+                log(f"steps: {name} at {s} step{'s' if s > 1 else ''}: {_text(row)}, "
+                    f"{rate:.0f} decisions/s (1 env, 1 thread)")
     return {"episodes": episodes, "threads": 1, "rows": rows}
 
 
-def _score(row: dict, metric: str | None) -> float | None:
-    v = row.get(metric) if metric else None
-    if v is None:
-        return None
-    return 100.0 * float(v) if metric == "success_rate" else float(v)
-
-
-def _text(row: dict, metric: str | None) -> str:
-    if row["score"] is None:
-        return f"return {row['return_mean']:.2f}"
-    return f"{metric} {row['score']:.1f}" + ("%" if metric == "success_rate" else "")
+def _text(row: dict) -> str:
+    parts = [f"return {row['return_mean']:.2f}"]
+    if row.get("normalized") is not None:
+        parts.append(f"normalised {row['normalized']:.1f}")
+    if row.get("success_rate") is not None:
+        parts.append(f"success {100 * row['success_rate']:.1f}%")
+    return ", ".join(parts)

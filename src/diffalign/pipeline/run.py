@@ -503,15 +503,18 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
     for w in warnings:
         _log(f"warning: {w['reason']}")
 
+    final = final_row(final, stages)
     sweep = None
     if R.steps_sweep_episodes:
         from ..eval.steps_sweep import SWEEP_STEPS, steps_sweep, sweep_stages
 
         own = stages[0]["denoise_steps"]
-        sweep = steps_sweep(out, sweep_stages(final_row(final, stages)["stage"]),
+        sweep = steps_sweep(out, sweep_stages(final["stage"]),
                             steps=SWEEP_STEPS + ((own,) if own else ()),
                             episodes=R.steps_sweep_episodes, seed=opts.seed,
-                            device=opts.device, metric=metric, log=_log)
+                            device=opts.device, log=_log)
+        for row in sweep["rows"]:
+            row["score"] = stage_score(row, metric)
 
     report = {"task": opts.task}
     if opts.nav1d:
@@ -528,7 +531,7 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
         "critic_ensemble": int(critic.cfg.ensemble), "critic_steps": int(critic.cfg.steps),
         "online": opts.online, "dpo_pairs": opts.dpo_pairs,
         "stages": stages,
-        "final": final_row(final, stages),
+        "final": final,
         "action_coverage": coverage,
         "events": warnings + events,
         "steps_sweep": sweep,
