@@ -397,6 +397,9 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
                 selecting[name] = done(json.loads(sfile.read_text()))
             elif same_as is not None:
                 selecting[name] = same_as
+            elif cached.exists() and json.loads(cached.read_text()).get("same_model_as"):
+                # resumed: the stage shared an earlier stage's model, and so its returns
+                selecting[name] = json.loads(cached.read_text())["same_model_as"]
             elif cached.exists() and not weights.exists() and net is None \
                     and not name.startswith("reference") and model_obj is None:
                 selecting[name] = None
