@@ -74,6 +74,10 @@ def test_align_bad_online_and_dpo_pair_values_exit_2(tmp_path, capsys):
     (["run", "nav1d/full", "--out", "x", "--recipe", "max_iters=3"], "max_updates=3"),
     (["run", "nav1d/full", "--out", "x", "--passes", "0"], "passes=0"),
     (["collect", "metaworld/button-press-v3", "--policy", "replay"], "'replay'"),
+    (["train", "--out", "x", "--model", "dp", "--action-weight", "10"], "model='dp'"),
+    (["train", "--out", "x", "--action-weight", "0"], "action_weight=0"),
+    (["run", "nav1d/full", "--out", "x", "--recipe", "planner_action_weight=0"],
+     "planner_action_weight=0"),
 ])
 def test_argument_checks_print_one_line_and_exit_2(argv, named, capsys, tmp_path,
                                                    monkeypatch):

@@ -373,3 +373,92 @@ def test_first_action_mask_marks_the_current_action_only():
     m = dp.first_action_mask((5, 4, 1))
     assert m[0, :, 0].tolist() == [True, False, False, False]
     assert tiny_model("dd", horizon=8).first_action_mask((5, 8, 2)) is None  # inferred
+
+
+def _with_constant_feature(episodes, value=0.115):
+    """``episodes`` with a third observation feature that never changes."""
+    from diffalign.data.episodes import Episodes
+
+    def widen(o):
+        return np.concatenate([o, np.full((len(o), 1), value, np.float32)], 1)
+
+    return Episodes(observations=widen(episodes.observations), actions=episodes.actions,
+                    rewards=episodes.rewards, terminals=episodes.terminals,
+                    timeouts=episodes.timeouts,
+                    next_observations=widen(episodes.next_observations), meta=episodes.meta)
+
+
+def test_normalizer_finds_the_constant_dimensions():
+    from diffalign.data.normalizer import make_normalizer
+
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.normal(size=500), np.full(500, 0.115), 1 + 3e-6 * rng.normal(size=500),
+                  np.zeros(500)], 1).astype(np.float32)
+    for kind in ("minmax", "gaussian"):
+        n = make_normalizer(kind)
+        n.fit(x)
+        assert n.constant().tolist() == [False, True, False, True], kind
+        assert torch.equal(n.normalize(torch.from_numpy(x))[:, [1, 3]], torch.zeros(500, 2))
+
+
+@pytest.mark.parametrize("kind", ["diffuser", "dd"])
+def test_planner_constant_features_are_known_in_training_and_sampling(kind, episodes,
+                                                                      tmp_path):
+    """A feature constant in the data is in-painted at every position: excluded from the
+    loss, imposed while sampling, and exactly its value in every plan."""
+    eps3 = _with_constant_feature(episodes)
+    torch.manual_seed(0)
+    model = build_model(kind, "ddim", "unet", obs_dim=3, act_dim=1, horizon=8,
+                        backbone_kwargs=TINY["unet"])
+    assert model.spec.fixed_known
+    _train(model, eps3)
+    fixed = model.fixed_features()
+    assert fixed.tolist() == [False, False, True] + ([False] if kind == "diffuser" else [])
+    known = model._known(16, torch.Generator().manual_seed(0))
+    assert known[..., 2].all() and not known[:, 2:, 0].any()  # prefixes of 1-2 states
+    obs = torch.from_numpy(eps3.observations[[3, 50]])
+    c = model.condition(obs)
+    assert c.inpaint.mask[..., 2].all() and not c.inpaint.mask[:, 1:, :2].any()
+    out = model.sample(obs, n=4, generator=torch.Generator().manual_seed(1), steps=3)
+    states = model.plan_states(out.x0)
+    assert torch.equal(states[..., 2], torch.full_like(states[..., 2], np.float32(0.115)))
+    # a model saved without the field (an older checkpoint) keeps its training convention
+    model.save(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["spec"]["fixed_known"] is True
+    del cfg["spec"]["fixed_known"]
+    old = ModelSpec.from_dict(cfg["spec"])
+    assert old.fixed_known is False
+    # nothing changes where no feature is constant (Nav1D)
+    plain = tiny_model(kind, "ddim")
+    _train(plain, episodes)
+    assert plain.fixed_features() is None
+
+
+def test_diffuser_action_weight_weights_the_executed_action_in_the_loss(episodes):
+    from diffalign.processes.base import masked_mean
+
+    torch.manual_seed(0)
+    model = tiny_model("diffuser", "ddpm", action_weight=10.0)
+    plain = tiny_model("diffuser", "ddpm")
+    plain.net.load_state_dict(model.net.state_dict())
+    ds = model.make_dataset(episodes)
+    plain.make_dataset(episodes)
+    batch = ds.sample(8, torch.Generator().manual_seed(0))
+    x0 = batch["x"]
+    w = model._loss_weight(tuple(x0.shape))
+    assert w[0, 0, 2] == 10 and w.sum() == 8 * 3 - 1 + 10  # one executed action entry
+    assert plain._loss_weight(tuple(x0.shape)) is None
+    # the weighted loss is the weighted mean of the same squared errors
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    known = model._known(8, g())
+    t = model.process.sample_train_time(8, g(), x0)
+    noise = torch.randn(x0.shape, generator=g())
+    kw = dict(known=known, t=t, noise=noise)
+    got = model.process.loss(model.net, x0, weight=w, **kw)["loss"]
+    xt = torch.where(known, x0, model.process.add_noise(x0, t, noise))
+    err = (model.net(xt, t) - model.process.target(x0, noise, t)) ** 2
+    want, _ = masked_mean(err, w * (~known).float())
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="action_weight"):
+        tiny_model("diffuser", action_weight=0.0)

@@ -33,3 +33,18 @@ def test_no_field_keeps_an_old_name():
     names = {f.name for f in dataclasses.fields(NAV1D_PRESETS["default"])}
     assert not names & set(RENAMED_FIELDS)
     assert set(RENAMED_FIELDS.values()) <= names
+
+
+def test_simulator_planners_train_longer_with_the_action_weighted():
+    """On simulators a Diffuser trains 3× the steps, weights its executed action 10× and sees
+    the present state; Diffusion Policy and every Nav1D model keep their settings."""
+    sim = SIM_PRESETS["default"]
+    d = sim.foundation_config("diffuser", "ddim", 0, "cpu")
+    assert (d.steps, d.action_weight, d.state_cond) == (9000, 10.0, True)
+    dd = sim.foundation_config("dd", "ddim", 0, "cpu")
+    assert (dd.steps, dd.action_weight) == (9000, 1.0)
+    p = sim.foundation_config("dp", "ddim", 0, "cpu")
+    assert (p.steps, p.action_weight, p.state_cond) == (3000, 1.0, False)
+    assert SIM_PRESETS["quick"].foundation_config("diffuser", "ddim", 0, "cpu").steps == 100
+    nav = NAV1D_PRESETS["default"].foundation_config("diffuser", "ddpm", 0, "cpu")
+    assert (nav.steps, nav.action_weight) == (NAV1D_PRESETS["default"].foundation_steps, 1.0)

@@ -54,6 +54,9 @@ class TrainArgs:
     """Fourier frequencies of the global condition (dp's observations, or the planners'
     state condition, which then needs --state-cond): each normalised value v also enters as
     sin(kπv), cos(kπv), k = 1..F. 0 = raw values (`run nav1d` uses 16)."""
+    action_weight: float = 1.0
+    """Diffuser: loss weight of the executed (first) action's entries; Janner et al. use
+    10, and `run` on simulator tasks does."""
     steps: int | None = None
     """Optimiser steps (default 3000)."""
     batch_size: int = 64
@@ -83,6 +86,10 @@ class TrainArgs:
         if self.cond_fourier and not (self.model == "dp" or self.state_cond):
             raise UserError(f"cond_fourier={self.cond_fourier} needs a global condition: dp, "
                              f"or a planner with --state-cond (got model={self.model!r})")
+        if not 0 < self.action_weight < 1e6:
+            raise UserError(f"action_weight must be > 0, got action_weight={self.action_weight}")
+        if self.action_weight != 1 and self.model != "diffuser":
+            raise UserError(f"action_weight is for the diffuser, got model={self.model!r}")
         if self.batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got batch_size={self.batch_size}")
         if self.episodes < 1:
@@ -104,7 +111,8 @@ def foundation_config(args: TrainArgs):
     return FoundationConfig(model=args.model, process=args.process, backbone=args.backbone,
                             horizon=args.horizon, obs_history=args.obs_history,
                             action_horizon=args.action_horizon, state_cond=args.state_cond,
-                            cond_fourier=args.cond_fourier, steps=args.steps,
+                            cond_fourier=args.cond_fourier, action_weight=args.action_weight,
+                            steps=args.steps,
                             batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             device=args.device, bf16=args.bf16)
 

@@ -46,6 +46,7 @@ class Normalizer:
 
     param_names: tuple[str, str] = ("", "")
     kind: str = ""
+    _constant_scale: float = 1.0
 
     def __init__(self, eps: float = 1e-6) -> None:
         self.eps = float(eps)
@@ -68,6 +69,12 @@ class Normalizer:
     def dim(self) -> int:
         self._check()
         return int(next(iter(self.params.values())).shape[0])
+
+    def constant(self) -> torch.Tensor:
+        """``(dim,)`` bool: the dimensions that were constant in the fitted data (their
+        scale sits at the ``eps`` floor). They normalise to 0."""
+        self._check()
+        return self._shift_scale()[1] <= self._constant_scale * self.eps
 
     def fit(self, x: ArrayLike) -> Normalizer:
         """Fit per-dimension statistics over all leading axes of ``x`` (shape (..., D))."""
@@ -132,6 +139,7 @@ class GaussianNormalizer(Normalizer):
 
     param_names = ("mean", "std")
     kind = "gaussian"
+    _constant_scale = 1.5  # std clamped to eps, float32 rounding aside
 
     def _fit_params(self, x: np.ndarray) -> dict[str, np.ndarray]:
         return {"mean": x.mean(0), "std": np.maximum(x.std(0), self.eps)}
@@ -149,6 +157,7 @@ class MinMaxNormalizer(Normalizer):
 
     param_names = ("min", "max")
     kind = "minmax"
+    _constant_scale = 1.0  # half the range: eps / 2 when widened, float32 rounding aside
 
     def _fit_params(self, x: np.ndarray) -> dict[str, np.ndarray]:
         lo, hi = x.min(0), x.max(0)

@@ -77,6 +77,16 @@ class ModelSpec:
     """Discount of reward_mode="discounted"."""
     inv_dyn_hidden: int = 128
     """Decision Diffuser: hidden width of the inverse-dynamics MLP."""
+    fixed_known: bool = False
+    """Planners: features that are constant in the training data (25 of the 39 features of a
+    MetaWorld button-press observation: a second object's pose padded with zeros, a fixed
+    orientation, the goal's height) are known entries at
+    every position, in training and in sampling, instead of noise the denoiser must learn
+    to reproduce (docs/design.md §3). New planners set it; a saved model without it loads as
+    it was trained."""
+    action_weight: float = 1.0
+    """Diffuser: weight of the executed action's entries in the training loss (Janner et
+    al. weight the first action 10 times). 1 = every entry alike."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -121,6 +131,9 @@ class ModelSpec:
                              f"reward_mode={self.reward_mode!r}")
         if not 0.0 < self.discount <= 1.0:
             raise ValueError(f"discount must be in (0, 1], got discount={self.discount}")
+        if not (isinstance(self.action_weight, (int, float)) and 0 < self.action_weight < 1e6):
+            raise ValueError(f"action_weight must be a number > 0, got "
+                             f"action_weight={self.action_weight!r}")
         if self.inv_dyn_hidden < 1:
             raise ValueError(f"inv_dyn_hidden must be >= 1, got {self.inv_dyn_hidden}")
         self.backbone_kwargs = _jsonable(dict(self.backbone_kwargs))

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..data.windows import make_windows
 from ..nets import build_backbone
 from ..nets.embeddings import fourier_features
+from ..processes.base import Inpaint
 from ..processes.inpainting import prefix_inpaint, random_prefix_mask
 from .base import Cond, ControlModel
 
@@ -30,6 +31,9 @@ __all__ = ["Diffuser", "Planner"]
 
 class Planner(ControlModel):
     """Shared parts of the trajectory planners (Diffuser, Decision Diffuser)."""
+
+    x_fields: tuple[str, ...] = ("observations",)
+    """The normalised fields laid side by side in a plan's features, in order."""
 
     @property
     def x_dim(self) -> int:
@@ -62,22 +66,41 @@ class Planner(ControlModel):
         return make_windows(episodes, self.spec.horizon, obs_history=1, keys=self.window_keys,
                             pad="edge", normalizers=self.normalizers)
 
+    def fixed_features(self) -> Tensor | None:
+        """``(x_dim,)`` bool: the plan features constant in the training data, known at every
+        position (value 0, their normalised constant) when ``spec.fixed_known``; else None."""
+        if not self.spec.fixed_known or not all(f in self.normalizers for f in self.x_fields):
+            return None
+        fixed = torch.cat([self.normalizers[f].constant() for f in self.x_fields])
+        return fixed.to(self.device) if bool(fixed.any()) else None
+
     def _known(self, batch: int, generator: torch.Generator | None) -> Tensor:
-        """Known (in-painted) entries for training: a causal prefix of states."""
+        """Known (in-painted) entries for training: a causal prefix of states, and the
+        constant features everywhere (:meth:`fixed_features`)."""
         k, h = self.spec.obs_history, self.spec.horizon
         hi = max(k, h // 4) if self.spec.prefix_masks else k
-        return random_prefix_mask(batch, h, self.x_dim, dims=slice(0, self.obs_dim),
-                                  min_prefix=k, max_prefix=hi, generator=generator,
-                                  device=self.device)
+        known = random_prefix_mask(batch, h, self.x_dim, dims=slice(0, self.obs_dim),
+                                   min_prefix=k, max_prefix=hi, generator=generator,
+                                   device=self.device)
+        fixed = self.fixed_features()
+        return known if fixed is None else known | fixed
+
+    def _loss_weight(self, shape: tuple[int, int, int]) -> Tensor | None:
+        """Per-entry weights of the denoising loss (None: every entry alike)."""
+        return None
 
     def _diffusion_loss(self, x0: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
         known = self._known(x0.shape[0], generator)
         return self.process.loss(self.net, x0, cond=self._state_cond(x0), known=known,
+                                 weight=self._loss_weight(tuple(x0.shape)),
                                  generator=generator)
 
     def condition(self, obs_hist: Tensor) -> Cond:
         hist = self.norm("observations", self._check_hist(obs_hist))
         ip = prefix_inpaint(hist, self.spec.horizon, self.x_dim, slice(0, self.obs_dim))
+        fixed = self.fixed_features()
+        if fixed is not None:  # their value is 0, as prefix_inpaint left it
+            ip = Inpaint(value=ip.value.masked_fill(fixed, 0.0), mask=ip.mask | fixed)
         return Cond(cond=self._state_cond(ip.value), inpaint=ip,
                     shape=(self.spec.horizon, self.x_dim))
 
@@ -104,10 +127,18 @@ class Diffuser(Planner):
     """State-action trajectory diffusion with in-painted current state (see module doc)."""
 
     kind = "diffuser"
+    x_fields = ("observations", "actions")
 
     @property
     def x_dim(self) -> int:
         return self.obs_dim + self.act_dim
+
+    def _loss_weight(self, shape: tuple[int, int, int]) -> Tensor | None:
+        """``spec.action_weight`` on the executed action's entries, 1 elsewhere."""
+        if self.spec.action_weight == 1:
+            return None
+        w = torch.ones(1, *shape[1:], device=self.device)
+        return w.masked_fill(self.executed_mask((1, *shape[1:])), self.spec.action_weight)
 
     def loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None
              ) -> dict[str, Tensor]:

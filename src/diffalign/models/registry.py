@@ -17,9 +17,9 @@ __all__ = ["BACKBONE_DEFAULTS", "DEFAULTS", "PROCESS_DEFAULTS", "build_model", "
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "diffuser": {"process": "ddpm", "backbone": "unet", "horizon": 16, "obs_history": 1,
-                 "action_horizon": 1},
+                 "action_horizon": 1, "fixed_known": True},
     "dd": {"process": "ddpm", "backbone": "unet", "horizon": 16, "obs_history": 1,
-           "action_horizon": 1},
+           "action_horizon": 1, "fixed_known": True},
     "dp": {"process": "ddim", "backbone": "dit", "horizon": 8, "obs_history": 2,
            "action_horizon": 4},
 }

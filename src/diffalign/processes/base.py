@@ -209,7 +209,8 @@ class DiffusionProcess(ABC):
     def loss(self, net, x0: Tensor, cond: Tensor | None = None, mask: Tensor | None = None,
              extra: Tensor | None = None, known: Tensor | None = None,
              t: Tensor | None = None, noise: Tensor | None = None,
-             generator: torch.Generator | None = None) -> dict[str, Tensor]:
+             generator: torch.Generator | None = None,
+             weight: Tensor | None = None) -> dict[str, Tensor]:
         """Denoising loss (mean squared error on the process's target).
 
         Args:
@@ -217,6 +218,8 @@ class DiffusionProcess(ABC):
             known: bool mask of in-painted entries for masked training: they are set to their
                 clean values in ``x_t`` and excluded from the loss.
             t, noise: fix the time and noise (DPO uses the same for both members of a pair).
+            weight: per-entry weights (broadcastable to ``x0``): a weighted mean over the
+                entries the masks keep.
 
         Returns ``{"loss": scalar, "loss_per_sample": (B,)}``.
         """
@@ -235,6 +238,9 @@ class DiffusionProcess(ABC):
             mask = free if mask is None else (mask.expand_as(x0) & free)
         out = net(xt, t, cond=cond, extra=extra)
         err = (out - self.target(x0, noise, t)) ** 2
+        if weight is not None:
+            w = weight.to(err).expand_as(err)
+            mask = w if mask is None else w * mask.expand_as(err).to(err)
         loss, per = masked_mean(err, mask)
         return {"loss": loss, "loss_per_sample": per}
 

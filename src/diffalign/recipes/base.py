@@ -25,6 +25,9 @@ class Recipe:
     """Episodes of a generated dataset (Nav1D); a collected dataset is used whole."""
     foundation_steps: int = 3000
     """Optimiser steps of the foundation model."""
+    planner_steps_factor: float = 1.0
+    """A planner foundation (diffuser, dd) trains ``round(factor × foundation_steps)``
+    steps: its plans hold every state feature besides the actions."""
     foundation_batch: int = 64
     """Batch size of the foundation model."""
     critic_steps: int = 3000
@@ -132,6 +135,8 @@ class Recipe:
     # ---------------------------------------------------------------- models
     planner_state_cond: bool = False
     """Planners (diffuser, dd) also see the present state as a global condition."""
+    planner_action_weight: float = 1.0
+    """Diffuser: loss weight of the executed action's entries (``ModelSpec.action_weight``)."""
     cond_fourier: int = 0
     """Fourier frequencies of the global condition (0: raw values)."""
     dp_action_horizon: int | None = None
@@ -198,6 +203,12 @@ class Recipe:
                     raise ValueError(f"recipe {f.name} must be >= 0, got {f.name}={v!r}")
             elif v < low:
                 raise ValueError(f"recipe {f.name} must be >= {low}, got {f.name}={v!r}")
+        if not self.planner_steps_factor > 0:
+            raise ValueError(f"recipe planner_steps_factor must be > 0, got "
+                             f"planner_steps_factor={self.planner_steps_factor!r}")
+        if not self.planner_action_weight > 0:
+            raise ValueError(f"recipe planner_action_weight must be > 0, got "
+                             f"planner_action_weight={self.planner_action_weight!r}")
         if not 0 <= self.covered_rollout_conditions <= 1:
             raise ValueError(f"recipe covered_rollout_conditions must be in [0, 1], got "
                              f"{self.covered_rollout_conditions}")
@@ -229,10 +240,13 @@ class Recipe:
 
         planner = model in ("diffuser", "dd")
         return FoundationConfig(
-            model=model, process=process, steps=self.foundation_steps,
+            model=model, process=process,
+            steps=max(1, round(self.planner_steps_factor * self.foundation_steps)) if planner
+            else self.foundation_steps,
             sample_steps=self.denoise_steps,
             batch_size=self.foundation_batch, seed=seed, device=device,
             state_cond=planner and self.planner_state_cond,
+            action_weight=self.planner_action_weight if model == "diffuser" else 1.0,
             action_horizon=self.dp_action_horizon if model == "dp" else None,
             cond_fourier=self.cond_fourier if (model == "dp" or (planner and
                                                                  self.planner_state_cond))

@@ -43,6 +43,8 @@ class FoundationConfig:
     """Planners: feed the present state to every block as a global condition too."""
     cond_fourier: int = 0
     """Fourier frequencies of the global condition (0: raw values)."""
+    action_weight: float = 1.0
+    """Diffuser: loss weight of the executed action's entries (1: every entry alike)."""
     sample_steps: int | None = None
     """Denoising steps the model samples with by default (None: its process's default)."""
     steps: int | None = None
@@ -99,6 +101,8 @@ def train_foundation(task, cfg: FoundationConfig, out_dir: str | Path | None,
         overrides["state_cond"] = True
     if cfg.cond_fourier:
         overrides["cond_fourier"] = cfg.cond_fourier
+    if cfg.action_weight != 1 and cfg.model == "diffuser":
+        overrides["action_weight"] = cfg.action_weight
     if cfg.sample_steps is not None:
         overrides["process_kwargs"] = {"default_steps": cfg.sample_steps}
     seed_everything(cfg.seed)  # the initial weights
