@@ -422,6 +422,10 @@ def test_planner_constant_features_are_known_in_training_and_sampling(kind, epis
     out = model.sample(obs, n=4, generator=torch.Generator().manual_seed(1), steps=3)
     states = model.plan_states(out.x0)
     assert torch.equal(states[..., 2], torch.full_like(states[..., 2], np.float32(0.115)))
+    # an observation that strays from the data's constant does not reach the plan
+    strayed = obs.clone()
+    strayed[:, 2] += 1e-3  # 2000 in normalised units
+    assert torch.equal(model.condition(strayed).inpaint.value, c.inpaint.value)
     # a model saved without the field (an older checkpoint) keeps its training convention
     model.save(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -462,3 +466,5 @@ def test_diffuser_action_weight_weights_the_executed_action_in_the_loss(episodes
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="action_weight"):
         tiny_model("diffuser", action_weight=0.0)
+    with pytest.raises(ValueError, match="action_weight is for the diffuser"):
+        tiny_model("dp", action_weight=10.0)

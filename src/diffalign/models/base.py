@@ -134,6 +134,8 @@ class ModelSpec:
         if not (isinstance(self.action_weight, (int, float)) and 0 < self.action_weight < 1e6):
             raise ValueError(f"action_weight must be a number > 0, got "
                              f"action_weight={self.action_weight!r}")
+        if self.action_weight != 1 and self.kind != "diffuser":
+            raise ValueError(f"action_weight is for the diffuser, got kind={self.kind!r}")
         if self.inv_dyn_hidden < 1:
             raise ValueError(f"inv_dyn_hidden must be >= 1, got {self.inv_dyn_hidden}")
         self.backbone_kwargs = _jsonable(dict(self.backbone_kwargs))

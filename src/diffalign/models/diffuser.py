@@ -99,7 +99,7 @@ class Planner(ControlModel):
         hist = self.norm("observations", self._check_hist(obs_hist))
         ip = prefix_inpaint(hist, self.spec.horizon, self.x_dim, slice(0, self.obs_dim))
         fixed = self.fixed_features()
-        if fixed is not None:  # their value is 0, as prefix_inpaint left it
+        if fixed is not None:  # 0, their normalised constant, whatever the observation says
             ip = Inpaint(value=ip.value.masked_fill(fixed, 0.0), mask=ip.mask | fixed)
         return Cond(cond=self._state_cond(ip.value), inpaint=ip,
                     shape=(self.spec.horizon, self.x_dim))

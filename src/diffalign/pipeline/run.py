@@ -378,12 +378,13 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
         edir = out / "eval" / name
         cached, weights = edir / "eval.json", edir / STAGE_WEIGHTS
         key = adapter_fingerprint(net) if net is not None else None
+        prev = json.loads(cached.read_text()) if cached.exists() else None  # resumed
         same_as = None
-        if not cached.exists() and net is not None:
+        if prev is None and net is not None:
             # kept until evaluated: a killed run evaluates the stage from them on resume
             # (the adapter folded into a plain copy of the net: faster to sample)
             save_stage_weights(merged_copy(net), weights)
-        if not cached.exists() and key in evaluated:
+        if prev is None and key in evaluated:
             # the stage kept the adapter of an earlier stage (no update beat it): same
             # model, same seed, same rollouts -- that evaluation is copied at the end
             same_as = evaluated[key]
@@ -393,21 +394,20 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
             sfile = out / "select" / name / "eval.json"
             skw = dict(kw, episodes=R.select_episodes, out_dir=str(sfile.parent),
                        seed=opts.seed + SELECT_SEED_OFFSET)
+            # a stage sharing an earlier stage's model (also when resumed) shares its returns
+            shared = same_as or (prev or {}).get("same_model_as")
             if sfile.exists():
                 selecting[name] = done(json.loads(sfile.read_text()))
-            elif same_as is not None:
-                selecting[name] = same_as
-            elif cached.exists() and json.loads(cached.read_text()).get("same_model_as"):
-                # resumed: the stage shared an earlier stage's model, and so its returns
-                selecting[name] = json.loads(cached.read_text())["same_model_as"]
-            elif cached.exists() and not weights.exists() and net is None \
+            elif shared is not None:
+                selecting[name] = shared
+            elif prev is not None and not weights.exists() and net is None \
                     and not name.startswith("reference") and model_obj is None:
                 selecting[name] = None
             else:
                 selecting[name] = _submit_eval(jobs, evaluate, critic, fdir, cdir, weights,
                                                net, model_obj, skw)
-        if cached.exists():
-            fut = done(json.loads(cached.read_text()))
+        if prev is not None:
+            fut = done(prev)
         elif same_as is not None:
             fut = None
         else:

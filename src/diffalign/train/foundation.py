@@ -101,7 +101,7 @@ def train_foundation(task, cfg: FoundationConfig, out_dir: str | Path | None,
         overrides["state_cond"] = True
     if cfg.cond_fourier:
         overrides["cond_fourier"] = cfg.cond_fourier
-    if cfg.action_weight != 1 and cfg.model == "diffuser":
+    if cfg.action_weight != 1:
         overrides["action_weight"] = cfg.action_weight
     if cfg.sample_steps is not None:
         overrides["process_kwargs"] = {"default_steps": cfg.sample_steps}
