@@ -13,7 +13,7 @@ action from the argmax; and ``spread``, the std of the aligned model's first act
 samples of one state; ``regret*`` and ``regret*(a*)``, how much return the aligned action
 and the critic's argmax lose against the optimal action by the true Q* of the layout (the
 dynamic-programming solution). The alignment methods optimise the critic on their conditions;
-the return comes from the states the model visits. In session 16 the last two columns showed
+the return comes from the states the model visits. The last two columns once showed
 why a layout-5 run stayed below its critic: on the states the model visited, its regret was
 2.3x the argmax's, on dataset states 1.4x (hence ``align/conditions.py``).
 """

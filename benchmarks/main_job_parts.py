@@ -11,7 +11,7 @@ Prints, per line, a median over ``--repeats`` steps (after warm-up):
   loss, the adapter only) on 1 thread, with peft's LoRA forward and with the fused one
   (``align.lora.fuse_lora_forward``);
 * one training step of the run's critic configurations on 1 and 2 threads: the max backup
-  over a grid of 32 actions at width 256 (until session 13), the refined grid of 8 + 8,
+  over a grid of 32 actions at width 256 (an earlier default), the refined grid of 8 + 8,
   and the default: two critics of width 128 with the refined grid.
 The foundation trains on 200 Nav1D episodes, the critic on random Nav1D-shaped batches;
 nothing is written.
@@ -169,9 +169,9 @@ def main() -> None:
               f"{1e3 * lora_step(a.repeats, fused):.1f} ms", flush=True)
 
     grid32 = dict(CRITIC_BACKUP, backup_actions=32, backup_refine=0)
-    for name, kw in (("width 256, grid of 32 (until session 13)", dict(grid32, hidden=256)),
+    for name, kw in (("width 256, grid of 32 (an earlier default)", dict(grid32, hidden=256)),
                      ("width 256, grid of 8 + 8", dict(CRITIC_BACKUP, hidden=256)),
-                     ("two critics, width 256, grid of 32 (session 13's option)",
+                     ("two critics, width 256, grid of 32 (an earlier option)",
                       dict(grid32, hidden=256, ensemble=2)),
                      ("two critics, width 128, grid of 8 + 8 (the default)",
                       dict(CRITIC_BACKUP, hidden=128, ensemble=2))):

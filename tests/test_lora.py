@@ -10,6 +10,7 @@ from diffalign.align.lora import (
     lora_target_modules,
     merge_lora,
     merged_copy,
+    merged_view,
     reference,
     refresh_merged,
     save_adapter,
@@ -120,6 +121,32 @@ def test_refresh_merged_follows_the_adapter(kind):
             refresh_merged(fast, lnet)
         torch.testing.assert_close(fast(x, t), ref, atol=1e-6, rtol=0)
     assert not any(p.requires_grad for p in fast.parameters())
+
+
+def test_merged_view_is_one_copy_that_follows_the_adapter_and_the_base():
+    """One copy per net, equal to a new merged copy after the adapter changed and inside
+    reference(); rebuilt when a weight outside the adapter changed."""
+    lnet = add_lora(_net("unet"), r=2)
+    x, t = _inputs()
+    view = merged_view(lnet)
+    _perturb(lnet)
+    with torch.no_grad():
+        assert merged_view(lnet) is view
+        torch.testing.assert_close(view(x, t), merged_copy(lnet)(x, t), atol=0, rtol=0)
+        with reference(lnet):
+            ref = lnet(x, t)
+            assert merged_view(lnet) is view
+        torch.testing.assert_close(view(x, t), ref, atol=1e-6, rtol=0)
+        want = merged_view(lnet)(x, t)  # the adapter again
+        torch.testing.assert_close(want, lnet(x, t), atol=1e-5, rtol=1e-5)
+        base = next(p for n, p in lnet.named_parameters() if "lora_" not in n)
+        base.add_(1.0)  # e.g. a merge that trains the base afterwards
+        again = merged_view(lnet)
+        assert again is not view
+        torch.testing.assert_close(again(x, t), lnet(x, t), atol=1e-5, rtol=1e-5)
+    assert not any(p.requires_grad for p in view.parameters())
+    plain = _net("mlp")
+    assert merged_view(plain) is plain
 
 
 def test_merged_copy_inside_reference_is_the_reference():

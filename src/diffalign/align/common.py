@@ -161,13 +161,13 @@ def validation_draw(setup: AlignSetup, net: nn.Module | None = None, seed: int =
                     candidates: int = 1) -> tuple[float, Tensor, Tensor]:
     """:func:`validation_reward` plus the samples it scored, ``(mean, per-state, x0)``; ``x0``
     has ``candidates`` rows per validation state, in order."""
-    from .lora import merged_copy
+    from .lora import merged_view
 
     model = setup.model
     g = torch.Generator().manual_seed(seed)
     obs = setup.val_states.to(model.device)
     out = model.sample(obs, n=candidates, generator=g, steps=setup.steps,
-                       net=merged_copy(net))  # the adapter folded in: the same, faster
+                       net=merged_view(net))  # the adapter folded in: the same, faster
     rows = obs.repeat_interleave(candidates, 0)
     r = setup.reward(out.x0, rows).view(-1, candidates).max(1).values
     return float(r.mean()), r, out.x0
@@ -230,19 +230,21 @@ def fraction_below(setup: AlignSetup, net: nn.Module, x0: Tensor, obs: Tensor, f
 
 @torch.no_grad()
 def reward_spread(setup: AlignSetup, net: nn.Module | None = None, candidates: int = 8,
-                  seed: int = 4321) -> float:
-    """How much the choice of sample matters: the mean over validation states of the std of
-    R across ``candidates`` samples of one state.
+                  seed: int = 4321, states: int = 128) -> float:
+    """How much the choice of sample matters: the mean over validation states (``states``
+    of them, evenly spaced through the pool, whose parts come from different sources) of
+    the std of R across ``candidates`` samples of one state.
 
     Gains, plateaus and collapses are measured in this unit: a critic's values can carry a
     large state-dependent baseline that says nothing about what alignment can change.
     """
-    from .lora import merged_copy
+    from .lora import merged_view
 
     model = setup.model
     g = torch.Generator().manual_seed(seed)
-    obs = setup.val_states.to(model.device)
+    every = max(1, len(setup.val_states) // states)
+    obs = setup.val_states[::every][:states].to(model.device)
     out = model.sample(obs, n=candidates, generator=g, steps=setup.steps,
-                       net=merged_copy(net))
+                       net=merged_view(net))
     r = setup.reward(out.x0, obs.repeat_interleave(candidates, 0)).view(-1, candidates)
     return float(r.std(1).mean())

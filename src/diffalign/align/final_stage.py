@@ -47,7 +47,7 @@ def heldout_rewards(setup, states: Tensor, net=None, model=None, seed: int = 864
     """The alignment reward of one sample per row of ``states``, ``(N,)``: from
     ``setup.model`` with the LoRA-wrapped ``net`` folded into a plain copy, or from another
     ``model`` with a ``sample`` method (the cascade)."""
-    from .lora import merged_copy
+    from .lora import merged_view
 
     obs = states.to(setup.model.device)
     g = torch.Generator().manual_seed(seed)
@@ -55,7 +55,7 @@ def heldout_rewards(setup, states: Tensor, net=None, model=None, seed: int = 864
         x0 = model.sample(obs, n=1, generator=g, steps=setup.steps).x0
     else:
         x0 = setup.model.sample(obs, n=1, generator=g, steps=setup.steps,
-                                net=None if net is None else merged_copy(net)).x0
+                                net=None if net is None else merged_view(net)).x0
     return setup.reward(x0, obs).float().cpu()
 
 

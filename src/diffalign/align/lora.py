@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import weakref
 from pathlib import Path
 
 import torch
@@ -28,7 +29,8 @@ from ..train.checkpoint import CheckpointError, load_tensors, save_tensors
 
 __all__ = ["FusedLoraConv1d", "FusedLoraLinear", "ReferenceView", "adapter_fixed", "add_lora",
            "fuse_lora_forward", "is_lora", "load_adapter", "lora_parameters",
-           "lora_target_modules", "merge_lora", "merged_copy", "reference", "reference_copy",
+           "lora_target_modules", "merge_lora", "merged_copy", "merged_view", "reference",
+           "reference_copy",
            "refresh_merged", "remove_lora", "save_adapter"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -298,6 +300,30 @@ def merged_copy(net: nn.Module) -> nn.Module:
     for p in plain.parameters():
         p.requires_grad_(False)
     return refresh_merged(plain, net)
+
+
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def merged_view(net: nn.Module) -> nn.Module:
+    """:func:`merged_copy` for sampling that is done before the adapter changes again (a
+    validation, a round's candidates): one frozen copy per ``net``, kept and brought up to
+    date in place (:func:`refresh_merged`) on each call instead of copied anew, so a later
+    call changes what an earlier one returned. A caller that keeps the copy while the adapter
+    trains takes :func:`merged_copy`.
+
+    The copy is rebuilt when a parameter outside the adapter changed (its version counter),
+    or the network moved to another device. On a CPU a new copy of a peft-wrapped U-Net
+    costs as much as sampling a few hundred Nav1D plans; the refresh, one weight per layer.
+    """
+    if not is_lora(net):
+        return net
+    base = tuple((p._version, p.device) for n, p in net.named_parameters() if "lora_" not in n)
+    hit = _VIEWS.get(net)
+    if hit is None or hit[1] != base:
+        _VIEWS[net] = (merged_copy(net), base)
+        return _VIEWS[net][0]
+    return refresh_merged(hit[0], net)
 
 
 def reference_copy(net: nn.Module) -> nn.Module:

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..processes import Inpaint
 from .common import AdapterMethod, MethodConfig, expand_condition, free_mask
 from .conditions import action_proposals
-from .lora import merged_copy
+from .lora import merged_view
 
 __all__ = ["SFTConfig", "SFTMethod"]
 
@@ -173,7 +173,7 @@ class SFTMethod(AdapterMethod):
         cfg, n = self.cfg, self.cfg.candidates
         obs = self.setup.draw_states(cfg.states_per_update, self.gen)
         # sampling only: the current adapter folded into a copy is the same model, faster
-        src = self.ref if cfg.source == "reference" else merged_copy(self.net)
+        src = self.ref if cfg.source == "reference" else merged_view(self.net)
         out = self.model.sample(obs, n=n, generator=self.gen, steps=self.setup.steps, net=src)
         rows = obs.repeat_interleave(n, 0)
         r = self.setup.reward(out.x0, rows)
