@@ -76,6 +76,10 @@ class Normalizer:
         self._check()
         return self._shift_scale()[1] <= self._constant_scale * self.eps
 
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The data's per-dimension ``(min, max)`` where the normaliser keeps them, else None."""
+        return None
+
     def fit(self, x: ArrayLike) -> Normalizer:
         """Fit per-dimension statistics over all leading axes of ``x`` (shape (..., D))."""
         params = self._fit_params(_to_2d_numpy(x))
@@ -166,6 +170,10 @@ class MinMaxNormalizer(Normalizer):
         lo = np.where(narrow, mid - self.eps / 2, lo)
         hi = np.where(narrow, mid + self.eps / 2, hi)
         return {"min": lo, "max": hi}
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check()
+        return self.params["min"], self.params["max"]
 
     def _shift_scale(self):
         lo, hi = self.params["min"], self.params["max"]

@@ -253,6 +253,16 @@ class ControlModel(nn.Module):
     def norm(self, field_name: str, x: Tensor) -> Tensor:
         return self.normalizers.normalize(field_name, x)
 
+    def in_data_range(self, field_name: str, x: Tensor) -> Tensor:
+        """RAW ``x`` clamped to the range the data's ``field_name`` spanned (where its
+        normaliser keeps it, the default min-max one does): what the alignment's reward scores.
+        A critic has seen nothing outside that range and extrapolates there; an environment
+        clips its actions to its box. (docs/design.md §4, "the reward")"""
+        b = self.normalizers[field_name].bounds()
+        if b is None:
+            return x
+        return torch.minimum(torch.maximum(x, b[0].to(x)), b[1].to(x))
+
     def unnorm(self, field_name: str, x: Tensor) -> Tensor:
         return self.normalizers.unnormalize(field_name, x)
 

@@ -109,8 +109,13 @@ class Planner(ControlModel):
         return self.unnorm("observations", x[..., : self.obs_dim])
 
     def reward(self, x: Tensor, obs_hist: Tensor, critic) -> Tensor:
-        """R(x0) = mean (or discounted sum) of Q(ŝ_t, â_t) from the current step on, ``(B,)``."""
+        """R(x0) = mean (or discounted sum) of Q(ŝ_t, â_t) from the current step on, ``(B,)``;
+        the plan and its actions clamped to the data's range (:meth:`in_data_range`), before
+        any actions are inferred from the plan's states."""
+        if all(self.normalizers[f].bounds() is not None for f in self.x_fields):
+            x = x.clamp(-1.0, 1.0)  # min-max normalised: the data spans [-1, 1] per feature
         states, actions = self.plan_states_actions(x)
+        actions = self.in_data_range("actions", actions)
         k = self.spec.obs_history - 1
         states, actions = states[:, k:], actions[:, k:]
         if self.spec.reward_mode == "first":

@@ -68,8 +68,9 @@ class DiffusionPolicy(ControlModel):
         return None, None
 
     def reward(self, x: Tensor, obs_hist: Tensor, critic) -> Tensor:
-        """R(x0) = Q(s, a_0): the critic at the current observation and the first action."""
+        """R(x0) = Q(s, a_0): the critic at the current observation and the first action,
+        clamped to the data's range (:meth:`in_data_range`)."""
         s = self._check_hist(obs_hist)[:, -1]
         s = self._match_rows(s, x.shape[0])
-        a = self.actions_from_x(x)[:, 0]
+        a = self.in_data_range("actions", self.actions_from_x(x)[:, 0])
         return critic.q(s, a)
