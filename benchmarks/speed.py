@@ -35,8 +35,8 @@ from _timing import median_seconds
 from diffalign.models.registry import build_model
 from diffalign.models.selection import select_actions
 from diffalign.nets import count_parameters
-from diffalign.pipeline import bf16_is_fast
 from diffalign.policy import compile_denoisers
+from diffalign.train.trainer import bf16_is_fast
 from models import _random_episodes
 
 PROBLEMS = {

@@ -354,7 +354,7 @@ def test_run_nav1d_trains_dp_executing_one_action(tmp_path, monkeypatch):
 def test_bf16_is_fast_answers_for_the_device_asked():
     import torch
 
-    from diffalign.pipeline import bf16_is_fast
+    from diffalign.train.trainer import bf16_is_fast
 
     assert isinstance(bf16_is_fast("cpu"), bool)
     if not torch.cuda.is_available():

@@ -283,3 +283,16 @@ def test_compiled_policy_acts_as_the_eager_one(run_dir):
         a = eager.act(obs)
         np.testing.assert_allclose(fast.act(obs), a, rtol=0, atol=1e-5)
         obs, *_ = env.step(a)
+    # the whole plan too, and the compiled net still has the state in-painted where the
+    # model in-paints it (the sampler loop around the compiled net is the eager one)
+    model = fast.model
+    hist = torch.as_tensor(obs, dtype=torch.float32).reshape(1, 1, -1)
+    hist = hist.repeat(1, model.spec.obs_history, 1)
+    with torch.no_grad():
+        xs = [p.model.sample(hist, generator=torch.Generator().manual_seed(0)).x0
+              for p in (eager, fast)]
+    torch.testing.assert_close(xs[1], xs[0], rtol=0, atol=1e-5)
+    _, inpaint, _ = model.expanded_condition(hist)
+    if inpaint is not None:
+        mask = inpaint.mask.expand_as(xs[1])
+        torch.testing.assert_close(xs[1][mask], inpaint.value.expand_as(xs[1])[mask])

@@ -75,7 +75,8 @@ class CriticArgs:
     """With the grid: this many more actions across the two grid cells beside each state's
     best grid action (a coarse-to-fine max; 0 = one grid)."""
     backup_bf16: bool = _DEFAULTS.backup_bf16
-    """Evaluate the max backup's proposals in bfloat16."""
+    """Evaluate the max backup's proposals in bfloat16 (float32, with a note, where the
+    device has no bfloat16 kernels)."""
     gamma: float = _DEFAULTS.gamma
     """Discount factor."""
     target_tau: float = _DEFAULTS.target_tau
@@ -106,6 +107,9 @@ class CriticArgs:
             raise UserError(f"seeds must be >= 0, got layout_seed={self.layout_seed} "
                              f"data_seed={self.data_seed}")
         self.critic_config()  # validate now, naming the field
+        from ..train.trainer import bf16_if_fast
+
+        self.backup_bf16 = bf16_if_fast(self.backup_bf16, self.device, "--backup-bf16")
 
     def critic_config(self) -> CriticConfig:
         return CriticConfig(

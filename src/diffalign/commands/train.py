@@ -68,7 +68,7 @@ class TrainArgs:
     device: str = "cpu"
     """Torch device: cpu, cuda or auto."""
     bf16: bool = False
-    """bfloat16 autocast."""
+    """bfloat16 autocast (float32, with a note, where the device has no bfloat16 kernels)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -107,6 +107,7 @@ class TrainArgs:
 def foundation_config(args: TrainArgs):
     """The library's :class:`~diffalign.train.foundation.FoundationConfig` of the flags."""
     from ..train.foundation import FoundationConfig
+    from ..train.trainer import bf16_if_fast
 
     return FoundationConfig(model=args.model, process=args.process, backbone=args.backbone,
                             horizon=args.horizon, obs_history=args.obs_history,
@@ -114,7 +115,8 @@ def foundation_config(args: TrainArgs):
                             cond_fourier=args.cond_fourier, action_weight=args.action_weight,
                             steps=args.steps,
                             batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            device=args.device, bf16=args.bf16)
+                            device=args.device,
+                            bf16=bf16_if_fast(args.bf16, args.device, "--bf16"))
 
 
 def train_model(args: TrainArgs):

@@ -10,12 +10,11 @@ from .run import (
     STAGE_WEIGHTS,
     RunOptions,
     adapter_fingerprint,
-    bf16_is_fast,
     critic_warnings,
     final_row,
     run_pipeline,
     stage_score,
 )
 
-__all__ = ["STAGE_WEIGHTS", "RunOptions", "adapter_fingerprint", "bf16_is_fast",
+__all__ = ["STAGE_WEIGHTS", "RunOptions", "adapter_fingerprint",
            "critic_warnings", "final_row", "run_pipeline", "stage_score"]

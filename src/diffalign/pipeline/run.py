@@ -46,7 +46,7 @@ from .jobs import (
     save_stage_weights,
 )
 
-__all__ = ["STAGE_WEIGHTS", "RunOptions", "adapter_fingerprint", "bf16_is_fast",
+__all__ = ["STAGE_WEIGHTS", "RunOptions", "adapter_fingerprint",
            "critic_warnings", "final_row", "run_pipeline", "stage_score"]
 
 STAGE_WEIGHTS = "weights.safetensors"
@@ -114,25 +114,6 @@ class RunOptions:
 
 def _log(msg: str) -> None:
     print(f"[diffalign run] {msg}", flush=True)
-
-
-def bf16_is_fast(device: str = "auto") -> bool:
-    """Whether bfloat16 matmuls are native on ``device``: a CUDA GPU that supports them, or
-    a CPU whose oneDNN build has bfloat16 kernels (AVX512-BF16 or AMX)."""
-    import torch
-
-    from ..train.trainer import resolve_device
-
-    try:
-        dev = resolve_device(device)
-    except ValueError:  # CUDA asked for, none here
-        return False
-    if dev.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def run_pipeline(opts: RunOptions) -> dict:
@@ -286,6 +267,8 @@ def train_run_critic(opts: RunOptions, data: dict, task, jobs: SideJobs | None =
     """The data's action band, its coverage and the critic of the run, trained (in the side
     process when ``jobs`` has one) unless ``OUT/critic`` holds it. Returns ``(behavior,
     coverage, covered, future of the critic's training seconds or None)``."""
+    from ..train.trainer import bf16_is_fast
+
     R, out = opts.recipe, Path(opts.out)
     behavior, coverage = behavior_band(task.episodes, out / "behavior",
                                        R.behavior_config(opts.seed, opts.device), opts.seed,

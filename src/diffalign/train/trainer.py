@@ -229,6 +229,34 @@ def resolve_device(device: str, info: DistInfo | None = None) -> torch.device:
     return dev
 
 
+def bf16_is_fast(device: str = "auto") -> bool:
+    """Whether bfloat16 matmuls are native on ``device``: a CUDA GPU that supports them, or
+    a CPU whose oneDNN build has bfloat16 kernels (AVX512-BF16 or AMX)."""
+    try:
+        dev = resolve_device(device)
+    except ValueError:  # CUDA asked for, none here
+        return False
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def bf16_if_fast(requested: bool, device: str, flag: str) -> bool:
+    """``requested``, unless ``device`` has no bfloat16 kernels: then False, with a one-line
+    note naming ``flag`` on stderr (emulated bfloat16 is slower than float32, and the
+    results of the two agree to the bounds in tests/test_fast_paths.py)."""
+    if requested and not bf16_is_fast(device):
+        import sys
+
+        print(f"[diffalign] {flag}: no bfloat16 kernels on device {device!r}; "
+              "float32 instead", file=sys.stderr, flush=True)
+        return False
+    return requested
+
+
 # ----------------------------------------------------------------------------------------
 # pickle-free (de)serialisation of nested states: tensors -> safetensors, the rest -> JSON
 

@@ -1,0 +1,113 @@
+"""The speed options against the plain float32 eager path: the same loss, samples and
+parameters within stated bounds, and the bfloat16 fallback where a device has no kernels.
+
+Bounds. float32 paths that only reorder arithmetic (AdamW's fused kernel) agree to 1e-5.
+bfloat16 keeps 8 significand bits: one rounding is off by at most 2^-9 ≈ 0.2% of the value.
+The denoising loss is a mean over thousands of squared errors whose rounding errors are
+independent, so it moves far less than that (measured 9e-6 relative); it is bounded at
+1e-3. A 20-step chain in bfloat16 compounds the denoiser's 0.2% errors but each step
+contracts towards the data, so samples stay within a few bfloat16 ulps of the float32 ones
+on average (measured 0.001-0.002 mean absolute difference on samples scaled to [-1, 1]; an
+ulp at 1 is 2^-7 ≈ 0.008); it is bounded at 0.01 on average. Single coordinates may move
+further where the chain crosses the clip at ±1, so the maximum is not bounded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffalign.data.episodes import Episodes
+from diffalign.models.registry import build_model
+from diffalign.train import trainer
+
+
+def _episodes(n_episodes=10, length=32, seed=0):
+    rng = np.random.default_rng(seed)
+    n = n_episodes * length
+    obs = rng.standard_normal((n, 2)).astype(np.float32)
+    timeouts = np.zeros(n, dtype=bool)
+    timeouts[length - 1::length] = True
+    return Episodes.from_arrays(observations=obs, actions=rng.uniform(-1, 1, (n, 1)),
+                                rewards=rng.standard_normal(n), terminals=np.zeros(n, bool),
+                                timeouts=timeouts, next_observations=obs)
+
+
+def _trained(process: str, steps: int = 60):
+    torch.manual_seed(0)
+    model = build_model("diffuser", process, None, obs_dim=2, act_dim=1, horizon=16,
+                        state_cond=True, cond_fourier=8, process_kwargs={"default_steps": 20},
+                        backbone_kwargs={"dim": 8, "dim_mults": [1, 2], "kernel_size": 5})
+    ds = model.make_dataset(_episodes())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        loss = model.loss(ds.sample(64, g), generator=g)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), ds
+
+
+@pytest.mark.parametrize("process", ["ddpm", "fm"])
+def test_bf16_loss_and_samples_within_the_bounds(process):
+    model, ds = _trained(process)
+    batch = ds.sample(64, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        l32 = float(model.loss(batch, generator=torch.Generator().manual_seed(2))["loss"])
+        with torch.autocast("cpu", torch.bfloat16):
+            l16 = float(model.loss(batch, generator=torch.Generator().manual_seed(2))["loss"])
+        obs = torch.randn(16, 1, 2, generator=torch.Generator().manual_seed(4))
+        x32 = model.sample(obs, n=4, generator=torch.Generator().manual_seed(3)).x0
+        with torch.autocast("cpu", torch.bfloat16):
+            x16 = model.sample(obs, n=4, generator=torch.Generator().manual_seed(3)).x0
+    assert abs(l16 - l32) <= 1e-3 * abs(l32)
+    assert x16.dtype == torch.float32  # the chain's state stays float32
+    diff = (x16 - x32).abs()
+    assert float(diff.mean()) <= 0.01
+    assert float(diff.mean()) > 0  # bfloat16 did run: the samples are not bit-equal
+
+
+def test_fused_adamw_takes_the_plain_steps():
+    model, ds = _trained("ddpm", steps=0)
+    g = torch.Generator().manual_seed(0)
+    grads = []  # five steps' gradients, replayed into both optimisers (Adam turns a
+    for _ in range(5):  # rounding-level gradient into a full step, so none is recomputed)
+        model.zero_grad()
+        model.loss(ds.sample(32, g), generator=g)["loss"].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    params = {}
+    for fused in (None, True):
+        ps = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        opt = torch.optim.AdamW(ps, lr=1e-3, fused=fused)
+        for step in grads:
+            for p, gr in zip(ps, step):
+                p.grad = gr.clone()
+            opt.step()
+        params[fused] = torch.cat([p.detach().flatten() for p in ps])
+    torch.testing.assert_close(params[True], params[None], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_bf16_falls_back_to_float32_where_the_cpu_has_no_kernels(kernels, monkeypatch,
+                                                                  capsys):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: kernels)
+    assert trainer.bf16_is_fast("cpu") is kernels
+    assert trainer.bf16_if_fast(True, "cpu", "--bf16") is kernels
+    assert trainer.bf16_if_fast(False, "cpu", "--bf16") is False
+    err = capsys.readouterr().err
+    assert ("--bf16: no bfloat16 kernels on device 'cpu'; float32 instead" in err) != kernels
+
+
+def test_train_and_critic_commands_take_the_fallback(monkeypatch, capsys, tmp_path):
+    from diffalign.commands.critic import CriticArgs
+    from diffalign.commands.train import TrainArgs, foundation_config
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert foundation_config(TrainArgs(out=tmp_path / "f", bf16=True)).bf16 is False
+    assert CriticArgs(out=tmp_path / "c", backup_bf16=True).backup_bf16 is False
+    err = capsys.readouterr().err
+    assert "--bf16: no bfloat16" in err and "--backup-bf16: no bfloat16" in err
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert foundation_config(TrainArgs(out=tmp_path / "f", bf16=True)).bf16 is True
+    assert CriticArgs(out=tmp_path / "c", backup_bf16=True).backup_bf16 is True
