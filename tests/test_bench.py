@@ -346,3 +346,25 @@ def test_sizes_set_the_rl_and_sft_variants():
                        ("rl_algo=ppo,rl_grad_k=2", "rl_grad_k=2")):
         with pytest.raises(UserError, match=named):
             parse_sizes(bad)
+
+
+def test_alignment_flags_reach_every_cells_recipe(tmp_path, capsys):
+    # the same --rl-*/--sft-likelihood/--cascade-passes flags as run, added to --sizes
+    from diffalign.bench.grid import parse_sizes
+    from diffalign.commands.bench import BenchArgs
+
+    args = BenchArgs(out=tmp_path / "b", ray="off", sizes="eval_episodes=4",
+                     rl_algo="ppo", rl_credit="decreasing", rl_entropy_coef=0.01,
+                     sft_likelihood="current", cascade_passes=3)
+    assert args.all_sizes() == ("eval_episodes=4,rl_algo=ppo,rl_credit=decreasing,"
+                                "rl_entropy_coef=0.01,sft_likelihood=current,cascade_passes=3")
+    r = parse_sizes(args.all_sizes()).recipe
+    assert (r.eval_episodes, r.rl_algo, r.rl_credit, r.rl_entropy_coef, r.sft_likelihood,
+            r.cascade_passes) == (4, "ppo", "decreasing", 0.01, "current", 3)
+    assert BenchArgs(out=tmp_path / "b", ray="off").all_sizes() == ""
+    for flags, named in ((["--rl-algo", "ppo", "--rl-grad-k", "2"], "rl_grad_k=2"),
+                         (["--cascade-passes", "0"], "cascade_passes=0"),
+                         (["--rl-entropy-coef", "-1"], "rl_entropy_coef=-1")):
+        assert main(["bench", "--out", str(tmp_path / "b"), "--ray", "off", *flags]) == 2
+        assert named in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

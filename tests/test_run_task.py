@@ -308,3 +308,23 @@ def test_load_policy_drives_the_metaworld_env_of_a_run(run_dir, data_dir, monkey
     st = load_stage(run_dir, policy.stage)
     res = evaluate(st.model, critic=st.critic_dir, episodes=1, seed=0, write=False)
     assert total == pytest.approx(res["returns"][0], rel=1e-5)
+
+
+def test_run_task_takes_the_alignment_flags_as_run_nav1d_does(tmp_path, capsys):
+    from diffalign.commands.run import RunArgs, RunNav1DArgs
+    from diffalign.recipes import NAV1D_PRESETS, recipe_for, with_overrides
+
+    flags = dict(rl_algo="reinforce", rl_credit="x0_similarity", rl_entropy_coef=0.02,
+                 sft_likelihood="current", cascade_passes=2)
+    args = RunArgs(task="metaworld/button-press-v3/mixed", out=tmp_path / "r",
+                   recipe="eval_episodes=4", **flags)
+    r = args.with_flags(with_overrides(recipe_for(args.task, "default"), args.recipe))
+    assert r.eval_episodes == 4 and all(getattr(r, k) == v for k, v in flags.items())
+    nav = RunNav1DArgs(out=tmp_path / "n", **flags).recipe()
+    assert nav == with_overrides(NAV1D_PRESETS["default"], flags)
+    for argv, named in ((["--rl-algo", "ppo", "--rl-grad-k", "2"], "rl_grad_k=2"),
+                        (["--cascade-passes", "0"], "cascade_passes=0"),
+                        (["--rl-grad-k", "3", "--rl-grad-k-max", "2"], "rl_grad_k_max=2")):
+        assert main(["run", "nav1d/full", "--out", str(tmp_path / "x"), *argv]) == 2
+        assert named in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

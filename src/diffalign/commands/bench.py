@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from ..bench.grid import DEFAULT_METHODS
 from ..errors import UserError
+from .run import AlignFlags
 
 __all__ = ["BenchArgs", "bench_main"]
 
@@ -23,7 +24,7 @@ QUICK_GRID = {"models": "diffuser,dp", "processes": "ddim", "seeds": "0"}
 
 
 @dataclass
-class BenchArgs:
+class BenchArgs(AlignFlags):
     """Benchmark grid: one run of the pipeline (diffalign run: by default its unified
     sequence dpo,sft,rl and the cascade) per cell; Table 2 (planners: rows tasks, columns
     Diffuser DDPM/DDIM/SM/FM and Decision Diffuser) and Table 3 (Diffusion Policy:
@@ -58,7 +59,8 @@ class BenchArgs:
     a small grid: diffuser and dp, ddim, seed 0."""
     sizes: str = ""
     """Recipe overrides KEY=VALUE,… (e.g. foundation_steps=1000,eval_episodes=20: any field
-    of diffalign.recipes.Recipe), and candidates=N (Table 3's candidates per decision)."""
+    of diffalign.recipes.Recipe), and candidates=N (Table 3's candidates per decision). The
+    --rl-*/--sft-likelihood/--cascade-passes flags are added to them."""
     device: str = "cpu"
     """Torch device of every cell: cpu, cuda or auto."""
     ray: Literal["auto", "on", "off"] = "auto"
@@ -85,11 +87,19 @@ class BenchArgs:
         self.seeds = grid["seeds"] if self.seeds is None else self.seeds
         make_cells(self.suite, self.tasks, self.models, self.processes, self.seeds)
         parse_methods(self.methods)
-        parse_sizes(self.sizes, self.quick, self.suite)
+        self.with_flags(parse_sizes(self.all_sizes(), self.quick, self.suite).recipe,
+                        self.methods)
         if self.threads is not None and self.threads < 1:
             raise UserError(f"threads must be >= 1, got threads={self.threads}")
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"out {str(self.out)!r} exists and is not a directory")
+
+
+    def all_sizes(self) -> str:
+        """``--sizes`` with the alignment flags given appended as KEY=VALUE (each cell's
+        recipe overrides)."""
+        flags = ",".join(f"{k}={v}" for k, v in self.alignment_overrides().items())
+        return ",".join(part for part in (self.sizes, flags) if part)
 
 
 def bench_main(args: BenchArgs) -> dict[str, Any]:
@@ -100,7 +110,7 @@ def bench_main(args: BenchArgs) -> dict[str, Any]:
     summary = run_bench(args.out, args.suite, tasks=args.tasks, models=args.models,
                         processes=args.processes, methods=args.methods,
                         cascade=args.cascade, seeds=args.seeds,
-                        quick=args.quick, sizes=args.sizes, device=args.device, ray=args.ray,
+                        quick=args.quick, sizes=args.all_sizes(), device=args.device, ray=args.ray,
                         ray_address=args.ray_address, cpus_per_cell=args.cpus_per_cell,
                         gpus_per_cell=args.gpus_per_cell, threads=args.threads,
                         progress=args.progress)

@@ -20,7 +20,62 @@ __all__ = ["RunArgs", "RunNav1DArgs", "run_main", "run_nav1d"]
 
 
 @dataclass(kw_only=True)
-class _RunFlags:
+class AlignFlags:
+    """Alignment settings as flags (``run``, ``run nav1d`` and ``bench``): each, when given,
+    overrides the recipe field of the same name."""
+
+    rl_algo: Literal["qvpg", "ppo", "reinforce"] | None = None
+    """RL: "qvpg" backpropagates the critic's reward through the last K denoising steps;
+    "ppo" and "reinforce" take the policy gradient with each state's group of samples as the
+    baseline (where the recipe samples one per state, as on partial/full data, they sample
+    the recipe's rl_pg_group, 8). Default from the recipe: qvpg."""
+    rl_grad_k: int | None = None
+    """RL (QV-PG): backpropagate through the last K denoising steps (default 3); with
+    --rl-grad-k-max, the lower end of K's range (default 1 there)."""
+    rl_grad_k_max: int | None = None
+    """RL (QV-PG): draw K uniformly from [--rl-grad-k, this] for each update; unset: K is
+    fixed."""
+    rl_credit: Literal["none", "decreasing", "x0_similarity"] | None = None
+    """RL: credit of each denoising step: "decreasing" (γ^k, γ = 0.9) or "x0_similarity"
+    (how close each step's x0-prediction is to the final sample). Default from the recipe:
+    none."""
+    rl_entropy_coef: float | None = None
+    """RL: weight c of the entropy bonus E[R] + c·H (nearest-neighbour estimate over each
+    state's samples). Default from the recipe: 0 (off)."""
+    sft_likelihood: Literal["data", "current"] | None = None
+    """SFT: the out-of-distribution guard's floor, a quantile of the reference's likelihood
+    of the dataset's windows ("data") or of the round's own candidates ("current"); the
+    guard is off on data that tried most actions (partial, full). Default from the recipe:
+    data."""
+    cascade_passes: int | None = None
+    """Cascade: passes of the refiner at inference; the report gives the validation reward,
+    coherency and distance after each pass (align.json cascade.pass_metrics). Default from
+    the recipe: 1."""
+
+    def alignment_overrides(self) -> dict:
+        """The recipe fields these flags set: only the flags given."""
+        names = ("rl_algo", "rl_grad_k", "rl_grad_k_max", "rl_credit", "rl_entropy_coef",
+                 "sft_likelihood", "cascade_passes")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    def with_flags(self, recipe, methods: str = "dpo,sft,rl", seed: int = 0):
+        """``recipe`` with :meth:`alignment_overrides` applied; a ``UserError`` names a bad
+        value, also one that only the alignment's configs refuse (checked for data with and
+        without coverage)."""
+        from ..recipes import with_overrides
+
+        recipe = with_overrides(recipe, self.alignment_overrides())
+        order = tuple(m.strip() for m in methods.split(",") if m.strip())
+        for covered in (False, True):
+            try:
+                recipe.align_config(covered, order, seed)
+            except ValueError as e:
+                raise UserError(str(e)) from None
+        return recipe
+
+
+@dataclass(kw_only=True)
+class _RunFlags(AlignFlags):
     """The flags both run commands share."""
 
     model: Literal["diffuser", "dd", "dp"] = "diffuser"
@@ -142,62 +197,15 @@ class RunNav1DArgs(_RunFlags):
     """Output directory (re-running resumes and skips finished steps)."""
     dataset: Literal["partial", "full", "expert"] = "full"
     """Offline dataset: random policy from part of the line, from all of it, or expert."""
-    rl_algo: Literal["qvpg", "ppo", "reinforce"] | None = None
-    """RL: "qvpg" backpropagates the critic's reward through the last K denoising steps;
-    "ppo" and "reinforce" take the policy gradient with each state's group of samples as the
-    baseline (where the recipe samples one per state, as on partial/full data, they sample
-    the recipe's rl_pg_group, 8). Default from the recipe: qvpg."""
-    rl_grad_k: int | None = None
-    """RL (QV-PG): backpropagate through the last K denoising steps (default 3); with
-    --rl-grad-k-max, the lower end of K's range (default 1 there)."""
-    rl_grad_k_max: int | None = None
-    """RL (QV-PG): draw K uniformly from [--rl-grad-k, this] for each update; unset: K is
-    fixed."""
-    rl_credit: Literal["none", "decreasing", "x0_similarity"] | None = None
-    """RL: credit of each denoising step: "decreasing" (γ^k, γ = 0.9) or "x0_similarity"
-    (how close each step's x0-prediction is to the final sample). Default from the recipe:
-    none."""
-    rl_entropy_coef: float | None = None
-    """RL: weight c of the entropy bonus E[R] + c·H (nearest-neighbour estimate over each
-    state's samples). Default from the recipe: 0 (off)."""
-    sft_likelihood: Literal["data", "current"] | None = None
-    """SFT: the out-of-distribution guard's floor, a quantile of the reference's likelihood
-    of the dataset's windows ("data") or of the round's own candidates ("current"); the
-    guard is off on data that tried most actions (partial, full). Default from the recipe:
-    data."""
-
     def __post_init__(self):
         super().__post_init__()
-        choices = {"rl_algo": ("qvpg", "ppo", "reinforce"),
-                   "rl_credit": ("none", "decreasing", "x0_similarity"),
-                   "sft_likelihood": ("data", "current")}
-        for name, ok in choices.items():
-            v = getattr(self, name)
-            if v is not None and v not in ok:
-                raise ValueError(f"{name} must be one of {', '.join(ok)}, got {name}={v!r}")
-        for name in ("rl_grad_k", "rl_grad_k_max"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1, got {name}={v}")
-        if self.rl_entropy_coef is not None and not self.rl_entropy_coef >= 0:
-            raise ValueError(f"rl_entropy_coef must be >= 0, got rl_entropy_coef="
-                             f"{self.rl_entropy_coef}")
-        recipe = self.recipe()  # the recipe's own checks (e.g. --rl-grad-k with ppo)
-        methods = tuple(m.strip() for m in self.methods.split(",") if m.strip())
-        for covered in (False, True):  # whatever coverage the data has: RLConfig's checks
-            recipe.align_config(covered, methods, self.seed)
+        self.recipe()  # the recipe's own checks of the flags (e.g. --rl-grad-k with ppo)
 
     def recipe(self):
         """The preset's :class:`~diffalign.recipes.Nav1DRecipe` with the flags given."""
-        from dataclasses import replace
-
         from ..recipes import NAV1D_PRESETS
 
-        given = {k: getattr(self, k) for k in ("rl_algo", "rl_grad_k", "rl_grad_k_max",
-                                               "rl_credit", "rl_entropy_coef",
-                                               "sft_likelihood")
-                 if getattr(self, k) is not None}
-        return replace(NAV1D_PRESETS[self.preset], **given)
+        return self.with_flags(NAV1D_PRESETS[self.preset], self.methods, self.seed)
 
 
 def run_nav1d(args: RunNav1DArgs) -> dict:
@@ -235,7 +243,8 @@ class RunArgs(_RunFlags):
                 "partial", "full", "expert"):
             raise UserError(f"unknown Nav1D dataset in task {self.task!r}; choose one of "
                             "nav1d/partial, nav1d/full, nav1d/expert")
-        with_overrides(recipe_for(self.task, self.preset), self.recipe)  # names a bad key
+        self.with_flags(with_overrides(recipe_for(self.task, self.preset), self.recipe),
+                        self.methods, self.seed)  # names a bad key or value
 
 
 def run_main(args: RunArgs) -> dict:
@@ -243,5 +252,6 @@ def run_main(args: RunArgs) -> dict:
     from ..pipeline import run_pipeline
     from ..recipes import recipe_for, with_overrides
 
-    recipe = with_overrides(recipe_for(args.task, args.preset), args.recipe)
+    recipe = args.with_flags(with_overrides(recipe_for(args.task, args.preset), args.recipe),
+                             args.methods, args.seed)
     return run_pipeline(args.options(args.task, recipe, download=args.download))
