@@ -547,3 +547,36 @@ def test_settings_saved_under_the_old_field_names_still_resume(tmp_path):
     with pytest.raises(UserError, match="other settings"):
         _load_boundary(where, _fingerprint(other, model), _fingerprint(other, model,
                                                                        old_names=True))
+
+
+def test_decision_diffuser_aligns_on_its_states_and_without_an_action_search():
+    # what the net denoises: the Decision Diffuser's plans hold states only, so the SFT
+    # floor of the data and DPO's dataset pairs take the windows' states, not x
+    import numpy as np
+
+    from diffalign.data.episodes import Episodes
+    from diffalign.models.registry import build_model
+    from diffalign.recipes import NAV1D_PRESETS
+
+    rng = np.random.default_rng(0)
+    n = 8 * 32
+    obs = rng.standard_normal((n, 2)).astype(np.float32)
+    timeouts = np.zeros(n, dtype=bool)
+    timeouts[31::32] = True
+    eps = Episodes.from_arrays(observations=obs, actions=rng.uniform(-1, 1, (n, 1)),
+                               rewards=rng.standard_normal(n), terminals=np.zeros(n, bool),
+                               timeouts=timeouts, next_observations=obs)
+    for kind in ("diffuser", "dd", "dp"):
+        model = build_model(kind, "ddpm", None, obs_dim=2, act_dim=1, horizon=8)
+        ds = model.make_dataset(eps)
+        x = model.diffused(ds.get_batch(np.arange(4)))
+        pairs = dataset_pairs(model, eps, neighbours=4, max_windows=64, seed=0)
+        hist = torch.zeros(1, model.spec.obs_history, 2)
+        assert tuple(x.shape[1:]) == model.expanded_condition(hist, 1)[2][1:]  # a sample's
+        assert pairs["x_w"].shape[1:] == x.shape[1:]
+        assert model.samples_actions == (kind != "dd")
+        assert (model.first_action_mask((1, 8, x.shape[-1])) is None) == (kind == "dd")
+    cfg = NAV1D_PRESETS["default"]
+    assert cfg.align_config(True, ("sft",), 0).sft.action_proposals > 0
+    off = cfg.align_config(True, ("sft",), 0, action_search=False).sft
+    assert off.action_proposals == 0 and off.candidates > 1

@@ -151,7 +151,8 @@ def dataset_pairs(model, episodes, neighbours: int = 8, discount: float = 0.99,
     if not bool(keep.any()):
         raise ValueError("no dataset pairs: every window's neighbours have the same return")
     win, lose = win[keep], lose[keep]
-    return {"x_w": batch["x"][win], "x_l": batch["x"][lose],
+    x = model.diffused(batch)
+    return {"x_w": x[win], "x_l": x[lose],
             "obs": model.unnorm("observations", hist[win]), "gap": gap[keep].float()}
 
 

@@ -230,7 +230,7 @@ class SFTMethod(AdapterMethod):
             if len(idx) > cfg.likelihood_windows:
                 idx = np.sort(rng.choice(idx, size=cfg.likelihood_windows, replace=False))
             batch = ds.get_batch(idx)
-            x = batch["x"].to(model.device)
+            x = model.diffused(batch).to(model.device)
             obs = model.unnorm("observations", batch["obs_history"]).to(model.device)
             g = torch.Generator().manual_seed(seed)  # leaves the method's own stream alone
             ll = torch.cat([self._ref_likelihood(x[i:i + 1024], obs[i:i + 1024], 1, g)

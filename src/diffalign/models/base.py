@@ -205,6 +205,11 @@ class ControlModel(nn.Module):
              ) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def diffused(self, batch: dict[str, Tensor]) -> Tensor:
+        """What the network denoises, of a batch of :meth:`make_dataset`'s windows
+        (normalised, ``(B, H, x_dim)``): its ``x``."""
+        return batch["x"]
+
     def condition(self, obs_hist: Tensor) -> Cond:
         raise NotImplementedError
 
@@ -217,6 +222,9 @@ class ControlModel(nn.Module):
     def executed_mask(self, shape: tuple[int, int, int]) -> Tensor:
         """Bool ``(1, H, D)``: the entries of a sample that decide the executed actions."""
         raise NotImplementedError
+
+    samples_actions = True
+    """Whether the samples hold the actions (False: they are inferred from sampled states)."""
 
     def first_action_mask(self, shape: tuple[int, int, int]) -> Tensor | None:
         """Bool ``(1, H, D)``: the entries of a sample holding the first executed action, or

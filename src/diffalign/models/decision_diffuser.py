@@ -36,6 +36,7 @@ class DecisionDiffuser(Planner):
     """State-only plans plus inverse dynamics (see module doc)."""
 
     kind = "dd"
+    samples_actions = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -57,6 +58,10 @@ class DecisionDiffuser(Planner):
         inv = err / (valid.sum() * self.act_dim).clamp_min(1.0)
         return {"loss": diff + inv, "loss_diffusion": diff.detach(),
                 "loss_inv_dyn": inv.detach()}
+
+    def diffused(self, batch: dict[str, Tensor]) -> Tensor:
+        """The windows' normalised states: the plan has no actions."""
+        return batch["observations"]
 
     def _plan_actions_norm(self, x: Tensor) -> Tensor:
         """Normalised actions for each consecutive pair of the plan, ``(B, H - 1, act)``."""

@@ -447,7 +447,8 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
     # 5. alignment sequence (+ cascade)
     acfg = R.align_config(covered, opts.methods, opts.seed, passes=opts.passes,
                           dpo_pairs=opts.dpo_pairs, online=opts.online, cascade=opts.cascade,
-                          rollouts=rollouts, dynamics=dcfg)
+                          rollouts=rollouts, dynamics=dcfg,
+                          action_search=model.samples_actions)
     t_align = time.perf_counter()
     adir = out / "align"
     if (adir / "align.json").exists():  # finished earlier: reuse adapter, cascade, evaluations

@@ -293,9 +293,12 @@ class Recipe:
     def align_config(self, covered: bool, methods: tuple[str, ...], seed: int,
                      passes: int | None = None, dpo_pairs: str = "reference",
                      online: bool = False, cascade: bool = True, rollouts: float = 0.0,
-                     dynamics=None):
+                     dynamics=None, action_search: bool = True):
         """The :class:`~diffalign.align.runner.AlignConfig`; ``rollouts``: share of the
-        conditions from greedy rollouts through a model trained with ``dynamics``."""
+        conditions from greedy rollouts through a model trained with ``dynamics``;
+        ``action_search=False`` for a model that infers its actions from states (the
+        Decision Diffuser): SFT then keeps the best of its candidates, without the search
+        over first actions that covered data otherwise gets."""
         from ..align.conditions import RolloutConditions
         from ..align.runner import AlignConfig
         from ..align.sequence import SequenceConfig
@@ -312,7 +315,7 @@ class Recipe:
         if covered:  # the critic rates every action from data: no support to leave
             cfg.sequence = replace(seq, guard=replace(seq.guard, support_frac=1.0))
             cfg.sft = replace(cfg.sft, likelihood_quantile=0.0)
-            if self.covered_sft_search:
+            if self.covered_sft_search and action_search:
                 cfg.sft = replace(cfg.sft, action_proposals=self.covered_sft_proposals,
                                   candidates=1, states_per_update=self.covered_sft_states,
                                   epochs=self.covered_sft_epochs,
