@@ -94,7 +94,6 @@ class BenchArgs(AlignFlags):
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"out {str(self.out)!r} exists and is not a directory")
 
-
     def all_sizes(self) -> str:
         """``--sizes`` with the alignment flags given appended as KEY=VALUE (each cell's
         recipe overrides)."""
