@@ -35,15 +35,19 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     for png in ("returns.png", "reward_distribution.png", "trajectories.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert (out / "align" / "adapter" / "adapter_model.safetensors").exists()
-    # the answer is chosen on held-out states: one of the stages, said why, marked in the md;
-    # the reference unless a stage's paired held-out gain clears 2 standard errors, and then
-    # the one with the largest gain
+    # the answer is chosen on episodes from held-out starts the evaluation never plays: one
+    # of the stages, said why, marked in the md; the reference unless a stage's paired gain
+    # in return clears 2 standard errors, and then the one with the largest gain
     assert report["final"]["stage"] in names and report["final"]["reason"]
-    held = report["final"]["heldout"]
-    assert set(held) == {"reference", "dpo", "sft", "rl", "cascade"}
-    clear = {k: v["gain"] for k, v in held.items()
+    assert "held-out starts (reset seeds 10000-10001)" in report["final"]["reason"]
+    assert set(report["final"]["heldout"]) == {"reference", "dpo", "sft", "rl", "cascade"}
+    sel = report["final"]["selection"]
+    assert set(sel) == {"reference", "dpo", "sft", "rl", "cascade"}
+    clear = {k: v["gain"] for k, v in sel.items()
              if k != "reference" and v["gain"] > 2 * v["se"] and v["gain"] > 0}
     assert report["final"]["stage"] == (max(clear, key=clear.get) if clear else "reference")
+    ev = json.loads((out / "select" / "reference" / "eval.json").read_text())
+    assert ev["seed"] == 10000 and ev["episodes"] == 2
     assert f"| {report['final']['stage']} **(final)** |" in md
     for st in ("dpo", "sft", "rl"):
         assert (out / "align" / "stages" / st / "adapter" / "adapter_model.safetensors").exists()

@@ -208,7 +208,7 @@ def run_cell(cell: dict, task_name: str, cell_dir: str, critic_dir: str,
             st = load_stage(out, stage, device=device)
             for sel, with_critic in (("expectation", False), ("idql", True)):
                 name = f"{key}_{sel}"
-                edir = out / "eval" / name
+                edir = out / "eval" / f"{stage}_{sel}"  # by stage: a re-chosen final re-runs
                 if (edir / "eval.json").exists():
                     res = json.loads((edir / "eval.json").read_text())
                 else:

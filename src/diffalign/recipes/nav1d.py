@@ -42,6 +42,9 @@ class Nav1DRecipe(Recipe):
     stage fell 6-10 points on some cells (docs/results.md, "Alignment time")."""
     eval_episodes: int = 64
     """64 episodes per stage keep the job near 10 minutes (the paper preset takes 200)."""
+    select_episodes: int = 32
+    """The critic kept the reference on expert data where aligned stages gained 5-10 points
+    in the environment, and chose a Decision Diffuser stage 16 points below it on partial."""
     steps_sweep_episodes: int = 32
     """Nav1D episodes are cheap: the reference and final stage at 1, 2, 5 and 20 steps."""
     planner_state_cond: bool = True
@@ -85,6 +88,7 @@ NAV1D_PRESETS: dict[str, Nav1DRecipe] = {
                      dynamics_steps=300, max_updates=4, eval_every=2, patience=2,
                      rl_updates=None, rl_eval_every=None, dpo_updates=None, sft_updates=None,
                      eval_episodes=8, ref_eval_episodes=4, steps_sweep_episodes=2,
+                     select_episodes=2,
                      cascade_rounds=1, cascade_steps=10,
                      cascade_states=8, conditions=128, val_conditions=32, rl_states=8,
                      rl_group=4, rl_ppo_epochs=1, dpo_states=16, dpo_candidates=4,
