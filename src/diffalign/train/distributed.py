@@ -17,15 +17,17 @@ Gradients are averaged explicitly instead of through ``DistributedDataParallel``
 loss function here may call any method of the model (``model.q(...)``, a process calling
 ``model.net``), and DDP only synchronises what passes through ``forward``.
 
-:func:`launch_local` runs a function on N local CPU processes (Gloo on 127.0.0.1), for tests.
+:func:`launch_local` runs a function on N local CPU processes (Gloo, a file store), for tests.
 """
 
 from __future__ import annotations
 
 import os
-import socket
+import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -144,25 +146,26 @@ def all_reduce_mean(values: dict[str, torch.Tensor], world_size: int,
     return dict(zip(keys, flat.unbind()))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "RANK": str(rank), "LOCAL_RANK": str(rank),
+def _worker(rank: int, fn: Callable, world_size: int, store: str, args: tuple) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank),
                        "WORLD_SIZE": str(world_size)})
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # a file store: no rank hosts a TCP store whose server thread a rank's exit could tear
+    # down while a peer still talks to it (that raced, and aborted the process, SIGABRT)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world_size)
     try:
         fn(rank, *args)
-        # every rank reaches here before any tears down: rank 0 hosts the store, and
-        # destroying it while a peer still talks to it aborts the process (SIGABRT)
-        dist.barrier()
+        dist.barrier()  # every rank reaches here before any tears down
     finally:
         dist.destroy_process_group()
+    # The work is done and its files are written. A normal interpreter exit still runs C++
+    # static destructors, and after a training run one of them sometimes met a running
+    # thread and aborted the process (SIGABRT, about one run in 20 under spawn), failing a
+    # launch whose work had succeeded: leave without them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch_local(fn: Callable, world_size: int, *args, start_method: str = "spawn") -> None:
@@ -176,5 +179,6 @@ def launch_local(fn: Callable, world_size: int, *args, start_method: str = "spaw
 
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got world_size={world_size}")
-    mp.start_processes(_worker, args=(fn, world_size, _free_port(), args), nprocs=world_size,
-                       join=True, start_method=start_method)
+    with tempfile.TemporaryDirectory(prefix="diffalign-gloo-") as tmp:
+        mp.start_processes(_worker, args=(fn, world_size, str(Path(tmp) / "store"), args),
+                           nprocs=world_size, join=True, start_method=start_method)
