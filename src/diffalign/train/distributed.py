@@ -150,8 +150,7 @@ def _worker(rank: int, fn: Callable, world_size: int, store: str, args: tuple) -
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank),
                        "WORLD_SIZE": str(world_size)})
     torch.set_num_threads(1)
-    # a file store: no rank hosts a TCP store whose server thread a rank's exit could tear
-    # down while a peer still talks to it (that raced, and aborted the process, SIGABRT)
+    # a file store: no rank hosts a TCP store that has to outlive its peers
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world_size)
     try:
