@@ -70,11 +70,12 @@ def test_one_cell_bench_end_to_end_then_resume_skips(tmp_path, capsys):
     assert ev["aligned"]["return_std"] == row["return_std"]
     # Table 3's evaluations are kept under the stage they evaluated: a re-chosen final
     # stage is evaluated again, not served another stage's numbers
-    if final != "reference":
-        for sel in ("expectation", "idql"):
-            kept = json.loads((out / "cells" / CELL / "eval" / f"{final}_{sel}" /
-                               "eval.json").read_text())
-            assert kept["return_mean"] == ev[f"aligned_{sel}"]["return_mean"]
+    for sel in ("expectation", "idql"):
+        kept = json.loads((out / "cells" / CELL / "eval" / f"{final}_{sel}" /
+                           "eval.json").read_text())
+        assert kept["return_mean"] == ev[f"aligned_{sel}"]["return_mean"]
+        assert sorted(p.name for p in (out / "cells" / CELL / "eval").glob(f"*_{sel}")) == \
+            sorted({f"reference_{sel}", f"{final}_{sel}"})
     assert (out / "cells" / CELL / "critic" / "model.safetensors").read_bytes() == \
         (shared / "critic" / "model.safetensors").read_bytes()
 
