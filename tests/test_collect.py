@@ -239,14 +239,20 @@ def test_download_offline_is_a_clear_error(data_dir):
         resolve_task("mujoco/hopper/expert-v0", download=True)  # HF_HUB_OFFLINE=1 in conftest
 
 
-def test_sac_medium_tiny_budget(tmp_path):
+def test_sac_medium_tiny_budget(tmp_path, monkeypatch):
     pytest.importorskip("mujoco")
     pytest.importorskip("stable_baselines3")
+    import tempfile
+
     from diffalign.data.collect import agent_paths, collect_medium
 
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out = tmp_path / "hopper-medium.hdf5"
     eps, info = collect_medium("mujoco/hopper", out, episodes=2, max_train_steps=250,
                                eval_every=125, max_episode_steps=40, progress=False)
+    assert not list(scratch.glob("SB3-*"))  # no logger folders left behind in /tmp
     weights, meta_file = agent_paths(out)
     assert weights.is_file() and meta_file.is_file()
     assert info["finished"] and info["train_steps"] == 250 and len(info["evals"]) == 2

@@ -570,6 +570,10 @@ def train_sac(task: str, target_return: float | None = None, max_train_steps: in
         min(10_000, max(100, max_train_steps // 10))
     model = sb3.SAC("MlpPolicy", env, seed=seed, verbose=0, device=device,
                     learning_starts=starts)
+    # SB3's default logger makes an empty /tmp/SB3-<time> folder at every learn()
+    from stable_baselines3.common.logger import Logger
+
+    model.set_logger(Logger(folder=None, output_formats=[]))
     weights = Path(agent_path) if agent_path is not None else None
     candidates = [] if recorder is not None else \
         [p for p in [weights, *(Path(p) for p in reuse_from)] if p is not None]
