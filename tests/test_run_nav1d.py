@@ -466,6 +466,35 @@ def test_deploy_steps_set_the_steps_every_stage_samples_with(tmp_path, monkeypat
         assert not (tmp_path / "z").exists()  # before anything is written
 
 
+def test_a_loaded_foundation_samples_with_the_deploy_steps(tmp_path):
+    """A run given a trained foundation (another run's, copied in) and --deploy-steps keeps
+    the weights and samples with the new count, and so does whatever loads it later."""
+    import torch
+
+    from diffalign.models.base import ControlModel
+    from diffalign.models.registry import build_model
+    from diffalign.pipeline.run import set_default_steps
+    from diffalign.tasks import resolve_task
+
+    task = resolve_task("nav1d/full", episodes=4)
+    model = build_model("diffuser", "ddpm", None, obs_dim=task.obs_dim, act_dim=task.act_dim,
+                        horizon=8, backbone_kwargs={"dim": 8, "dim_mults": [1, 2]})
+    model.make_dataset(task.episodes)
+    fdir = tmp_path / "foundation"
+    model.save(fdir)
+    loaded = ControlModel.load(fdir)
+    assert loaded.process.default_steps == 20
+    set_default_steps(fdir, loaded, 2)
+    assert loaded.process.default_steps == 2
+    again = ControlModel.load(fdir)
+    assert again.process.default_steps == 2 and again.spec.process_kwargs["default_steps"] == 2
+    for k, v in model.net.state_dict().items():
+        assert torch.equal(again.net.state_dict()[k], v)
+    with pytest.raises(ValueError, match="default_steps=5000"):
+        set_default_steps(fdir, again, 5000)
+    assert ControlModel.load(fdir).process.default_steps == 2  # the file is untouched
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--rl-algo", "nope"], "nope"),
     (["--rl-algo", "ppo", "--rl-grad-k", "2"], "rl_grad_k=2"),

@@ -333,6 +333,15 @@ class ControlModel(nn.Module):
                 "spec": self.spec.to_dict(), "obs_dim": self.obs_dim, "act_dim": self.act_dim,
                 "meta": self.meta}
 
+    def set_default_steps(self, steps: int) -> None:
+        """Sample with ``steps`` denoising steps when not told otherwise (the process's
+        ``default_steps``). Training does not depend on it, so a trained model can take any
+        count its process allows; raises ValueError where it does not."""
+        kwargs = {**self.spec.process_kwargs, "default_steps": int(steps)}
+        build_process(self.spec.process, **kwargs)  # the process's own check
+        self.spec.process_kwargs = kwargs
+        self.process.default_steps = int(steps)
+
     def save(self, directory: str | Path, extra_config: dict | None = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (weights and normalisers)."""
         from ..train.checkpoint import save_model

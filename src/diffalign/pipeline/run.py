@@ -157,6 +157,19 @@ _RUN_ENTRIES = ("data", "behavior", "foundation", "critic", "dynamics", "align",
 besides the report's pictures."""
 
 
+def set_default_steps(fdir: Path, model, steps: int) -> None:
+    """Make the loaded foundation ``model`` of ``fdir`` sample with ``steps`` denoising steps
+    (the recipe's ``denoise_steps``, ``--deploy-steps``), here and for everything that loads
+    it from ``fdir`` later: the evaluations, ``load_policy``, exports. Only its
+    ``config.json`` is rewritten; the weights do not depend on the step count."""
+    from ..atomic import write_json
+
+    model.set_default_steps(steps)
+    cfg = json.loads((fdir / "config.json").read_text())
+    cfg["spec"]["process_kwargs"] = dict(model.spec.process_kwargs)
+    write_json(fdir / "config.json", cfg)
+
+
 def run_settings(opts: RunOptions) -> dict:
     """The settings of ``opts`` that determine what the run writes: not the device, the
     progress bars or the second process (those change how fast, not what)."""
@@ -323,6 +336,10 @@ def _steps(opts: RunOptions, data: dict, task, timings: dict, jobs: SideJobs) ->
         model = ControlModel.load(fdir, device=opts.device)
         _log(f"foundation: loaded {fdir}")
         trained = False
+        if R.denoise_steps is not None and model.process.default_steps != R.denoise_steps:
+            _log(f"foundation: sampling with {R.denoise_steps} denoising steps, not the "
+                 f"{model.process.default_steps} it was saved with")
+            set_default_steps(fdir, model, R.denoise_steps)
     else:
         trained = True
         fcfg = R.foundation_config(opts.model, opts.process, opts.seed, opts.device)
