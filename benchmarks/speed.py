@@ -17,8 +17,9 @@ Options: ``plain`` (fp32, eager, torch's default AdamW: the reference every rati
 ``fusedadam`` (AdamW's fused kernel, as the project's trainer uses it), ``bf16`` (autocast to
 bfloat16; on a CPU only where oneDNN has bf16 kernels, else skipped), ``compiled``
 (decisions only: :func:`diffalign.policy.compile_denoisers`, TorchInductor with frozen
-weights and the C++ wrapper; its compile time is printed apart). A ratio above 1 is faster
-than plain. Runs unchanged on CUDA.
+weights and the C++ wrapper; its compile time is printed apart) and ``compiled+bf16``
+(``compile_denoisers(model, bf16=True)``: the compiled net under bfloat16 autocast, where
+the kernels exist). A ratio above 1 is faster than plain. Runs unchanged on CUDA.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ def bench(problem: str, device: torch.device, repeats: int) -> list[dict]:
         rows.append(dict(problem=problem, what="train step b64", option="bf16+fused",
                          ms=train_ms(model, ds, device, repeats, True, fused=True),
                          plain_ms=plain))
-    fast = compile_denoisers(copy.deepcopy(model))
-    compile_s = {}
+    compiled = {"compiled": compile_denoisers(copy.deepcopy(model))}
+    if bf16:
+        compiled["compiled+bf16"] = compile_denoisers(copy.deepcopy(model), bf16=True)
     for what, n, steps in DECISIONS:
         reps = max(3, repeats // 2) if n > 1 else 5 * repeats
         base = decision_ms(model, device, reps, n, steps)
@@ -115,12 +117,13 @@ def bench(problem: str, device: torch.device, repeats: int) -> list[dict]:
         if bf16:
             rows.append(dict(problem=problem, what=what, option="bf16", plain_ms=base,
                              ms=decision_ms(model, device, reps, n, steps, bf16=True)))
-        t0 = time.perf_counter()
-        decision_ms(fast, device, 1, n, steps)  # compiles this batch size
-        compile_s[what] = time.perf_counter() - t0
-        rows.append(dict(problem=problem, what=what, option="compiled", plain_ms=base,
-                         ms=decision_ms(fast, device, reps, n, steps),
-                         compile_s=compile_s[what]))
+        for option, fast in compiled.items():
+            t0 = time.perf_counter()
+            decision_ms(fast, device, 1, n, steps)  # compiles this batch size
+            compile_s = time.perf_counter() - t0
+            rows.append(dict(problem=problem, what=what, option=option, plain_ms=base,
+                             ms=decision_ms(fast, device, reps, n, steps),
+                             compile_s=compile_s))
     for r in rows:
         r["params"] = count_parameters(model.net)
         r["ratio"] = r.get("plain_ms", r["ms"]) / r["ms"]
@@ -143,11 +146,11 @@ def main():
     rows = [r for p in args.problems for r in bench(p, device, args.repeats)]
     print(f"device: {name}; bf16 kernels: {bf16_is_fast(str(device))}; ratio = plain ms / "
           "option ms (>1: faster)")
-    print(f"{'problem':7} {'params':>9} {'measure':15} {'option':10} {'ms':>9} {'ratio':>6} "
+    print(f"{'problem':7} {'params':>9} {'measure':15} {'option':13} {'ms':>9} {'ratio':>6} "
           f"{'compile s':>9}")
     for r in rows:
         cs = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
-        print(f"{r['problem']:7} {r['params']:>9,} {r['what']:15} {r['option']:10} "
+        print(f"{r['problem']:7} {r['params']:>9,} {r['what']:15} {r['option']:13} "
               f"{r['ms']:>9.2f} {r['ratio']:>6.2f} {cs:>9}")
     if args.json:
         with open(args.json, "w") as f:

@@ -111,3 +111,61 @@ def test_train_and_critic_commands_take_the_fallback(monkeypatch, capsys, tmp_pa
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert foundation_config(TrainArgs(out=tmp_path / "f", bf16=True)).bf16 is True
     assert CriticArgs(out=tmp_path / "c", backup_bf16=True).backup_bf16 is True
+
+
+def test_mish_compiled_is_torchs_mish(monkeypatch):
+    """The compiled form of the nets' Mish (one exponential) is torch's mish to float32
+    rounding, values and gradients, from far below zero to past the clamp at 20."""
+    from diffalign.nets.embeddings import Mish
+
+    x = torch.cat([torch.linspace(-40, 40, 4001), torch.randn(4000) * 3])
+    assert torch.equal(Mish()(x), torch.nn.functional.mish(x))  # eager: torch's kernel
+
+    def values_and_grads(f):
+        xg = x.clone().requires_grad_()
+        y = f(xg)
+        y.sum().backward()
+        return y.detach(), xg.grad
+
+    want = values_and_grads(torch.nn.functional.mish)
+    compiled = torch.compile(Mish(), dynamic=False)
+    got = [values_and_grads(compiled)]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got.append(values_and_grads(Mish()))  # the compiled branch's formula, run eagerly
+    for y, g in got:
+        torch.testing.assert_close(y, want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, want[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not trainer.bf16_is_fast("cpu"), reason="no bfloat16 kernels here")
+def test_compiled_bf16_denoiser_within_the_bounds_and_inpaints():
+    import copy
+
+    from diffalign.policy import _Bf16Denoiser, compile_denoisers
+
+    model, _ = _trained("ddpm")
+    fast = compile_denoisers(copy.deepcopy(model), bf16=True)
+    assert isinstance(fast.net._orig_mod, _Bf16Denoiser)
+    obs = torch.randn(16, 1, 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        x32 = model.sample(obs, n=4, generator=torch.Generator().manual_seed(3)).x0
+        x16 = fast.sample(obs, n=4, generator=torch.Generator().manual_seed(3)).x0
+    assert x16.dtype == torch.float32
+    diff = (x16 - x32).abs()
+    assert 0 < float(diff.mean()) <= 0.01  # bfloat16 ran, within the bound above
+    _, inpaint, _ = model.expanded_condition(obs.repeat_interleave(4, dim=0))
+    assert inpaint is not None  # the planner in-paints the state: exactly, in both
+    mask = inpaint.mask.expand_as(x16)
+    torch.testing.assert_close(x16[mask], inpaint.value.expand_as(x16)[mask], rtol=0, atol=0)
+
+
+def test_compiled_bf16_falls_back_to_float32_without_kernels(monkeypatch, capsys):
+    import copy
+
+    from diffalign.policy import _Bf16Denoiser, compile_denoisers
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    model, _ = _trained("ddpm", steps=0)
+    fast = compile_denoisers(copy.deepcopy(model), bf16=True)
+    assert not isinstance(fast.net._orig_mod, _Bf16Denoiser)
+    assert "compile_denoisers(bf16=True): no bfloat16 kernels" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..nets.embeddings import Mish
 from .diffuser import Planner
 
 __all__ = ["DecisionDiffuser", "InverseDynamics"]
@@ -23,8 +24,8 @@ class InverseDynamics(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 128) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(2 * obs_dim, hidden), nn.Mish(),
-            nn.Linear(hidden, hidden), nn.Mish(),
+            nn.Linear(2 * obs_dim, hidden), Mish(),
+            nn.Linear(hidden, hidden), Mish(),
             nn.Linear(hidden, act_dim))
         """The MLP."""
 

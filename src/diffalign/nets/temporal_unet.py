@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .embeddings import ConditionEmbedding, check_inputs, zero_init_
+from .embeddings import ConditionEmbedding, Mish, check_inputs, zero_init_
 
 GROUPS = 8
 """Number of GroupNorm groups; every hidden channel count must be divisible by it."""
@@ -28,7 +28,7 @@ class Conv1dBlock(nn.Module):
         """Temporal convolution."""
         self.norm = nn.GroupNorm(GROUPS, out_ch)
         """Group normalisation over channels."""
-        self.act = nn.Mish()
+        self.act = Mish()
         """Activation."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -49,7 +49,7 @@ class ResidualTemporalBlock(nn.Module):
         """First conv block."""
         self.block1 = Conv1dBlock(out_ch, out_ch, kernel_size)
         """Second conv block."""
-        self.film = nn.Sequential(nn.Mish(), nn.Linear(emb_dim, 2 * out_ch))
+        self.film = nn.Sequential(Mish(), nn.Linear(emb_dim, 2 * out_ch))
         """Embedding -> per-channel (scale, shift)."""
         self.residual = nn.Conv1d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         """Skip path (1x1 conv when the channel count changes)."""
