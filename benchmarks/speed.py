@@ -1,7 +1,7 @@
 """Each speed option against the plain fp32 eager path, as ratios, in one run.
 
-    python benchmarks/speed.py [--device cpu|cuda] [--repeats 10] [--problems nav1d hopper]
-                               [--threads N] [--json out.json]
+    python benchmarks/speed.py [--device cpu|cuda] [--repeats 5] [--rounds 5]
+                               [--problems nav1d hopper] [--threads N] [--json out.json]
 
 Problems (the Diffuser, DDPM):
 * ``nav1d``: the main job's model (temporal U-Net width 16, multipliers 1-2-4, horizon 16,
@@ -9,7 +9,9 @@ Problems (the Diffuser, DDPM):
 * ``hopper``: a Hopper-sized Diffuser (obs 11 + act 3, horizon 32, width 32, multipliers
   1-2-4-8, kernel 5; ≈4M parameters, Janner's temporal U-Net).
 
-Measured, each as the median of ``--repeats``:
+Measured in ``--rounds`` rounds, each timing every option in turn (the median of
+``--repeats`` calls; one-candidate decisions 5× as many); an option's ratio is the median
+over rounds of the plain path's time over its own in the same round:
 * train step: ``model.loss`` forward + backward + AdamW at batch 64;
 * decisions for one state: 64 candidates × 20 steps, 1 × 5 and 1 × 2 steps.
 
@@ -28,11 +30,12 @@ import argparse
 import contextlib
 import copy
 import json
+import statistics
 import time
 
 import torch
 
-from _timing import median_seconds
+from _timing import median_seconds, sync
 from diffalign.models.registry import build_model
 from diffalign.models.selection import select_actions
 from diffalign.nets import count_parameters
@@ -64,7 +67,8 @@ def _autocast(on: bool, device: torch.device):
             else contextlib.nullcontext())
 
 
-def train_ms(model, ds, device, repeats: int, bf16: bool, fused: bool = False) -> float:
+def train_step(model, ds, device, bf16: bool, fused: bool = False):
+    """One training step of a copy of ``model`` (forward, backward, AdamW), as a callable."""
     model = copy.deepcopy(model).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
     g = torch.Generator().manual_seed(0)
@@ -77,11 +81,11 @@ def train_ms(model, ds, device, repeats: int, bf16: bool, fused: bool = False) -
         loss.backward()
         opt.step()
 
-    return 1000 * median_seconds(step, repeats, device, warmup=2)
+    return step
 
 
-def decision_ms(model, device, repeats: int, candidates: int, steps: int,
-                bf16: bool = False) -> float:
+def decision(model, device, candidates: int, steps: int, bf16: bool = False):
+    """One decision for one state (``candidates`` × ``steps``), as a callable."""
     obs = torch.zeros(1, model.spec.obs_history, model.obs_dim, device=device)
     g = torch.Generator().manual_seed(0)
 
@@ -90,50 +94,61 @@ def decision_ms(model, device, repeats: int, candidates: int, steps: int,
             select_actions(model, obs, candidates=candidates, steps=steps,
                            selection="first", generator=g)
 
-    return 1000 * median_seconds(decide, repeats, device, warmup=2)
+    return decide
 
 
-def bench(problem: str, device: torch.device, repeats: int) -> list[dict]:
+def interleaved(fns: dict, device, rounds: int, repeats: int) -> dict:
+    """``{option: (median ms, median ratio)}``: each round times every option (the median
+    of ``repeats`` calls) one after the other, and the ratio is the plain path's time over
+    the option's in the same round, so a machine whose speed drifts between rounds moves
+    both sides of each ratio alike. The first call of each option (a compilation) is
+    timed apart as ``compile_s``."""
+    compile_s = {}
+    for k, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        compile_s[k] = time.perf_counter() - t0
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(1000 * median_seconds(fn, repeats, device, warmup=1))
+    base = times["plain"]
+    return {k: dict(ms=statistics.median(v), compile_s=compile_s[k],
+                    ratio=statistics.median(b / x for b, x in zip(base, v)))
+            for k, v in times.items()}
+
+
+def bench(problem: str, device: torch.device, repeats: int, rounds: int) -> list[dict]:
     model, ds = _model(problem, device)
     bf16 = bf16_is_fast(str(device))
-    rows = []
-    plain = train_ms(model, ds, device, repeats, False)
-    rows.append(dict(problem=problem, what="train step b64", option="plain", ms=plain))
-    rows.append(dict(problem=problem, what="train step b64", option="fusedadam",
-                     ms=train_ms(model, ds, device, repeats, False, fused=True), plain_ms=plain))
-    if bf16:
-        rows.append(dict(problem=problem, what="train step b64", option="bf16",
-                         ms=train_ms(model, ds, device, repeats, True), plain_ms=plain))
-        rows.append(dict(problem=problem, what="train step b64", option="bf16+fused",
-                         ms=train_ms(model, ds, device, repeats, True, fused=True),
-                         plain_ms=plain))
     compiled = {"compiled": compile_denoisers(copy.deepcopy(model))}
     if bf16:
         compiled["compiled+bf16"] = compile_denoisers(copy.deepcopy(model), bf16=True)
+    measures = {"train step b64": {
+        "plain": train_step(model, ds, device, False),
+        "fusedadam": train_step(model, ds, device, False, fused=True),
+        **({"bf16": train_step(model, ds, device, True),
+            "bf16+fused": train_step(model, ds, device, True, fused=True)} if bf16 else {})}}
     for what, n, steps in DECISIONS:
-        reps = max(3, repeats // 2) if n > 1 else 5 * repeats
-        base = decision_ms(model, device, reps, n, steps)
-        rows.append(dict(problem=problem, what=what, option="plain", ms=base))
-        if bf16:
-            rows.append(dict(problem=problem, what=what, option="bf16", plain_ms=base,
-                             ms=decision_ms(model, device, reps, n, steps, bf16=True)))
-        for option, fast in compiled.items():
-            t0 = time.perf_counter()
-            decision_ms(fast, device, 1, n, steps)  # compiles this batch size
-            compile_s = time.perf_counter() - t0
-            rows.append(dict(problem=problem, what=what, option=option, plain_ms=base,
-                             ms=decision_ms(fast, device, reps, n, steps),
-                             compile_s=compile_s))
-    for r in rows:
-        r["params"] = count_parameters(model.net)
-        r["ratio"] = r.get("plain_ms", r["ms"]) / r["ms"]
+        measures[what] = {"plain": decision(model, device, n, steps),
+                          **({"bf16": decision(model, device, n, steps, bf16=True)}
+                             if bf16 else {}),
+                          **{k: decision(m, device, n, steps) for k, m in compiled.items()}}
+    rows = []
+    for what, fns in measures.items():
+        reps = repeats if what.startswith("train") or what.startswith("64") else 5 * repeats
+        for option, r in interleaved(fns, device, rounds, reps).items():
+            rows.append(dict(problem=problem, what=what, option=option,
+                             params=count_parameters(model.net), **r))
     return rows
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=5, help="calls per option and round")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of every option in turn")
     ap.add_argument("--problems", nargs="*", default=list(PROBLEMS), choices=list(PROBLEMS))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", default=None)
@@ -143,13 +158,13 @@ def main():
     device = torch.device(args.device)
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"cpu ({torch.get_num_threads()} threads)")
-    rows = [r for p in args.problems for r in bench(p, device, args.repeats)]
+    rows = [r for p in args.problems for r in bench(p, device, args.repeats, args.rounds)]
     print(f"device: {name}; bf16 kernels: {bf16_is_fast(str(device))}; ratio = plain ms / "
           "option ms (>1: faster)")
     print(f"{'problem':7} {'params':>9} {'measure':15} {'option':13} {'ms':>9} {'ratio':>6} "
           f"{'compile s':>9}")
     for r in rows:
-        cs = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
+        cs = f"{r['compile_s']:.1f}" if r["option"].startswith("compiled") else ""
         print(f"{r['problem']:7} {r['params']:>9,} {r['what']:15} {r['option']:13} "
               f"{r['ms']:>9.2f} {r['ratio']:>6.2f} {cs:>9}")
     if args.json:
