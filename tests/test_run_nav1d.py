@@ -134,6 +134,29 @@ def test_run_nav1d_quick_end_to_end(tmp_path, capsys):
     rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) == 8  # four bands of steps, visited and dataset states
     assert sum(int(r[1]) for r in rows[4:]) == 512  # every held-out state in one band
+    _aligned_again_for_two_steps(out, tmp_path, args)
+
+
+def _aligned_again_for_two_steps(out, tmp_path, args):
+    """Another run handed this run's data, foundation and critics, with --deploy-steps 2:
+    the foundation it loads samples with 2 steps, in every stage's evaluation and for what
+    loads it later, and its weights are untouched."""
+    import shutil
+
+    from diffalign.models.base import ControlModel
+
+    two = tmp_path / "two_steps"
+    for sub in ("data", "behavior", "foundation", "critic", "dynamics"):
+        shutil.copytree(out / sub, two / sub)
+    argv = [a if a != str(out) else str(two) for a in args]
+    argv[argv.index("--eval-episodes") + 1] = "2"
+    assert main([*argv, "--deploy-steps", "2", "--methods", "dpo", "--no-cascade"]) == 0
+    report = json.loads((two / "report.json").read_text())
+    assert {s["denoise_steps"] for s in report["stages"]} == {2}
+    assert json.loads((two / "eval" / "dpo" / "eval.json").read_text())["steps"] == 2
+    assert ControlModel.load(two / "foundation").process.default_steps == 2
+    assert (two / "foundation" / "model.safetensors").read_bytes() == \
+        (out / "foundation" / "model.safetensors").read_bytes()
 
 
 def _readme_quickstart(out, tmp_path, report):
