@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -121,6 +122,8 @@ def test_robotics_adapters(task):
     infos = _check_steps(env, n=4)
     assert all(isinstance(i["success"], bool) for i in infos)
     assert sim_spec(task).ref_max in (1.0, 4.0)
+    xml = getattr(env.unwrapped, "tmp_xml_file_path", None)
+    assert xml is None or not Path(xml).exists(), "the maze's temporary MJCF was left in /tmp"
     env.close()
 
 

@@ -24,6 +24,7 @@ import functools
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -346,6 +347,11 @@ def _make_antmaze(name: str, max_episode_steps: int | None = None, **kwargs: Any
     h = int(max_episode_steps or spec.max_episode_steps)
     kwargs.setdefault("include_cfrc_ext_in_observation", False)
     env = gym.make(spec.kwargs["env_id"], max_episode_steps=h, **kwargs)
+    # gymnasium-robotics writes the maze's MJCF to /tmp and never removes it; MuJoCo has
+    # loaded the model by now, so the file can go.
+    xml = getattr(env.unwrapped, "tmp_xml_file_path", None)
+    if xml:
+        Path(xml).unlink(missing_ok=True)
     return SimEnv(env, spec.task, h, success_fn=lambda i: i.get("success"))
 
 
