@@ -17,11 +17,13 @@ over rounds of the plain path's time over its own in the same round:
 
 Options: ``plain`` (fp32, eager, torch's default AdamW: the reference every ratio divides),
 ``fusedadam`` (AdamW's fused kernel, as the project's trainer uses it), ``bf16`` (autocast to
-bfloat16; on a CPU only where oneDNN has bf16 kernels, else skipped), ``compiled``
-(decisions only: :func:`diffalign.policy.compile_denoisers`, TorchInductor with frozen
-weights and the C++ wrapper; its compile time is printed apart) and ``compiled+bf16``
-(``compile_denoisers(model, bf16=True)``: the compiled net under bfloat16 autocast, where
-the kernels exist). A ratio above 1 is faster than plain. Runs unchanged on CUDA.
+bfloat16; on a CPU only where oneDNN has bf16 kernels, else skipped), and for decisions the
+compiled denoisers of :mod:`diffalign.compiled` (compile times printed apart):
+``compiled-own`` (``channels_last=False``: the networks' own layout at every batch size),
+``compiled`` (the default: on a CPU the channels-last frozen form from
+:data:`~diffalign.compiled.WIDE_WORK` rows × parameters up) and ``compiled+bf16``
+(``bf16=True``: that form under bfloat16 autocast, where the kernels exist). A ratio above 1
+is faster than plain. Runs unchanged on CUDA.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ import time
 import torch
 
 from _timing import median_seconds, sync
+from diffalign.compiled import compile_denoisers
 from diffalign.models.registry import build_model
 from diffalign.models.selection import select_actions
 from diffalign.nets import count_parameters
-from diffalign.policy import compile_denoisers
 from diffalign.train.trainer import bf16_is_fast
 from models import _random_episodes
 
@@ -122,7 +124,8 @@ def interleaved(fns: dict, device, rounds: int, repeats: int) -> dict:
 def bench(problem: str, device: torch.device, repeats: int, rounds: int) -> list[dict]:
     model, ds = _model(problem, device)
     bf16 = bf16_is_fast(str(device))
-    compiled = {"compiled": compile_denoisers(copy.deepcopy(model))}
+    compiled = {"compiled-own": compile_denoisers(copy.deepcopy(model), channels_last=False),
+                "compiled": compile_denoisers(copy.deepcopy(model))}
     if bf16:
         compiled["compiled+bf16"] = compile_denoisers(copy.deepcopy(model), bf16=True)
     measures = {"train step b64": {

@@ -141,11 +141,11 @@ def test_mish_compiled_is_torchs_mish(monkeypatch):
 def test_compiled_bf16_denoiser_within_the_bounds_and_inpaints():
     import copy
 
-    from diffalign.policy import _Bf16Denoiser, compile_denoisers
+    from diffalign.compiled import _Bf16, compile_denoisers
 
     model, _ = _trained("ddpm")
     fast = compile_denoisers(copy.deepcopy(model), bf16=True)
-    assert isinstance(fast.net._orig_mod, _Bf16Denoiser)
+    assert isinstance(fast.net.wide._orig_mod, _Bf16) and fast.net.uses_wide(64)
     obs = torch.randn(16, 1, 2, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         x32 = model.sample(obs, n=4, generator=torch.Generator().manual_seed(3)).x0
@@ -162,10 +162,90 @@ def test_compiled_bf16_denoiser_within_the_bounds_and_inpaints():
 def test_compiled_bf16_falls_back_to_float32_without_kernels(monkeypatch, capsys):
     import copy
 
-    from diffalign.policy import _Bf16Denoiser, compile_denoisers
+    from diffalign.compiled import _Bf16, compile_denoisers
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     model, _ = _trained("ddpm", steps=0)
     fast = compile_denoisers(copy.deepcopy(model), bf16=True)
-    assert not isinstance(fast.net._orig_mod, _Bf16Denoiser)
+    assert not isinstance(fast.net.wide._orig_mod, _Bf16) and not fast.net.bf16
     assert "compile_denoisers(bf16=True): no bfloat16 kernels" in capsys.readouterr().err
+
+
+def test_channels_last_convs_compute_the_same_function():
+    import copy
+
+    from torch import nn
+
+    from diffalign.align.lora import add_lora
+    from diffalign.nets.channels_last import ChannelsLastConv1d, channels_last_convs
+    from diffalign.nets.temporal_unet import TemporalUNet
+
+    torch.manual_seed(0)
+    net = TemporalUNet(3, 16, cond_dim=4, extra_dim=2, dim=8, dim_mults=(1, 2, 4)).eval()
+    nn.init.normal_(net.extra_proj.weight)  # not the zero start: the extra input counts
+    before = copy.deepcopy(net.state_dict())
+    fast = channels_last_convs(net)
+    convs = sum(isinstance(m, nn.Conv1d) for m in net.modules())
+    assert convs > 0 and sum(isinstance(m, ChannelsLastConv1d) for m in fast.modules()) == convs
+    assert not any(isinstance(m, nn.Conv1d) for m in fast.modules())
+    g = torch.Generator().manual_seed(1)
+    x, e = torch.randn(5, 16, 3, generator=g), torch.randn(5, 16, 2, generator=g)
+    t, c = torch.rand(5, generator=g), torch.randn(5, 4, generator=g)
+    with torch.no_grad():  # strided downsampling, 1x1 projections: the same function
+        torch.testing.assert_close(fast(x, t, c, e), net(x, t, c, e), rtol=1e-5, atol=1e-5)
+    for k, v in net.state_dict().items():  # the network itself is unchanged
+        assert torch.equal(v, before[k])
+    # layers inside an adapter wrapper are left alone, and a 'same'-padded conv too
+    wrapped = channels_last_convs(add_lora(copy.deepcopy(net)))
+    assert not any(isinstance(m, ChannelsLastConv1d) for m in wrapped.modules())
+    same = nn.Sequential(nn.Conv1d(2, 2, 3, padding="same"))
+    assert isinstance(channels_last_convs(same)[0], nn.Conv1d)
+
+
+def _with_adapter(model):
+    """``model`` with a LoRA adapter whose B matrices are not zero (it changes the net)."""
+    from diffalign.align.lora import add_lora
+
+    model.net = add_lora(model.net, r=2)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in model.net.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("form", ["narrow", "wide"])
+def test_compiled_forms_sample_as_the_eager_model(monkeypatch, form):
+    """Both compiled forms (forced by the work threshold) give the eager samples to float32
+    rounding, through an adapter folded into the frozen copy, with the state in-painted."""
+    import copy
+
+    import diffalign.compiled as compiled
+
+    monkeypatch.setattr(compiled, "WIDE_WORK", 0 if form == "wide" else 10**12)
+    model = _with_adapter(_trained("ddpm", steps=20)[0])
+    fast = compiled.compile_denoisers(copy.deepcopy(model))
+    assert fast.net.uses_wide(8) == (form == "wide")
+    obs = torch.randn(4, 1, 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        x32 = model.sample(obs, n=2, generator=torch.Generator().manual_seed(3)).x0
+        xc = fast.sample(obs, n=2, generator=torch.Generator().manual_seed(3)).x0
+    torch.testing.assert_close(xc, x32, rtol=1e-5, atol=1e-5)
+    _, inpaint, _ = model.expanded_condition(obs.repeat_interleave(2, dim=0))
+    mask = inpaint.mask.expand_as(xc)
+    torch.testing.assert_close(xc[mask], inpaint.value.expand_as(xc)[mask], rtol=0, atol=0)
+    assert torch._dynamo.config.recompile_limit >= compiled.RECOMPILE_LIMIT
+    with pytest.raises(RuntimeError, match="without gradients"):  # truncated-gradient
+        fast.sample(obs, n=2, grad_last_k=1)  # sampling needs the model's own network
+
+
+def test_the_work_threshold_picks_the_form():
+    from diffalign.compiled import WIDE_WORK, CompiledDenoiser
+    from diffalign.nets.temporal_unet import TemporalUNet
+
+    net = TemporalUNet(3, 16, dim=8, dim_mults=(1, 2))
+    rows = -(-WIDE_WORK // sum(p.numel() for p in net.parameters()))
+    cpu = CompiledDenoiser(net, torch.device("cpu"))  # compiles lazily: nothing runs here
+    assert not cpu.uses_wide(rows - 1) and cpu.uses_wide(rows)
+    assert not CompiledDenoiser(net, torch.device("cpu"), channels_last=False).uses_wide(rows)

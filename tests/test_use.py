@@ -271,11 +271,12 @@ def test_load_policy_executes_a_policys_queued_actions(tmp_path):
     assert total == pytest.approx(float(res.returns[0]), abs=1e-9)
 
 
-def test_compiled_policy_acts_as_the_eager_one(run_dir):
+@pytest.mark.parametrize("stage", ["rl", "cascade"])
+def test_compiled_policy_acts_as_the_eager_one(run_dir, stage):
     import diffalign
 
-    eager = diffalign.load_policy(run_dir, stage="rl", seed=SEED)
-    fast = diffalign.load_policy(run_dir, stage="rl", seed=SEED, compile=True)
+    eager = diffalign.load_policy(run_dir, stage=stage, seed=SEED)
+    fast = diffalign.load_policy(run_dir, stage=stage, seed=SEED, compile=True)
     assert fast.model.net is not eager.model.net
     env = eager.make_env()
     obs, _ = env.reset(seed=SEED)

@@ -27,62 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .compiled import compile_denoisers
+
 __all__ = ["Policy", "compile_denoisers", "load_policy"]
-
-
-class _Bf16Denoiser(torch.nn.Module):
-    """``net`` under bfloat16 autocast, returning float32: the convolutions and matmuls run
-    in bfloat16, the sampler's chain around the net stays float32."""
-
-    def __init__(self, net: torch.nn.Module, device_type: str) -> None:
-        super().__init__()
-        self.net = net
-        """The wrapped denoiser."""
-        self.device_type = device_type
-        """Autocast device type ("cpu" or "cuda")."""
-
-    def forward(self, *args, **kwargs):
-        """The net's output, computed in bfloat16 and returned as float32."""
-        with torch.autocast(self.device_type, dtype=torch.bfloat16):
-            return self.net(*args, **kwargs).float()
-
-
-def compile_denoisers(model, bf16: bool = False):
-    """Compile ``model``'s denoising networks with TorchInductor for inference, in place
-    (also a cascade's aligned net and refiner); returns ``model``.
-
-    On a CPU the graph is frozen (weights folded in as constants) and run from generated
-    C++ (``cpp_wrapper``), which removes most of the per-operation overhead that dominates
-    one-candidate decisions; shapes are fixed, so each new batch size compiles once more.
-    Compilation happens at the first decision and takes tens of seconds. Decisions must run
-    without gradients (as :meth:`Policy.act` does); the samples equal the eager model's to
-    float rounding (tests/test_use.py).
-
-    ``bf16``: the networks run under bfloat16 autocast (their output is float32 again), for
-    many candidates per decision on a device with bfloat16 kernels (64 candidates × 20
-    steps of a Hopper-sized U-Net: 1.5-1.6× the eager float32 decision on an AVX512-BF16
-    CPU, docs/results.md); one-candidate decisions gain nothing from it. Where the device
-    has no such kernels it falls back to float32 with a note on stderr. Samples stay within
-    the bfloat16 bounds of tests/test_fast_paths.py."""
-    from .align.cascade import CascadeModel
-    from .train.trainer import bf16_if_fast
-
-    device = model.device
-    bf16 = bf16_if_fast(bf16, str(device), "compile_denoisers(bf16=True)")
-    options = {"freezing": True, "cpp_wrapper": True} if device.type == "cpu" else {}
-
-    def fast(net):
-        if bf16:
-            net = _Bf16Denoiser(net, device.type)
-        return torch.compile(net, dynamic=False, options=options)
-
-    if isinstance(model, CascadeModel):
-        model._aligned = fast(model._aligned)
-        if model._refiner is not None:
-            model._refiner = fast(model._refiner)
-    else:
-        model.net = fast(model.net)
-    return model
 
 
 class Policy:
