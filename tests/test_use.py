@@ -278,6 +278,8 @@ def test_compiled_policy_acts_as_the_eager_one(run_dir, stage):
     eager = diffalign.load_policy(run_dir, stage=stage, seed=SEED)
     fast = diffalign.load_policy(run_dir, stage=stage, seed=SEED, compile=True)
     assert fast.model.net is not eager.model.net
+    if stage == "rl":  # one candidate of a small net: the narrow compiled form
+        assert not fast.model.net.uses_wide(1)
     env = eager.make_env()
     obs, _ = env.reset(seed=SEED)
     for _ in range(3):  # frozen weights, generated C++: the same actions to float rounding

@@ -7,7 +7,7 @@ them then run along C, which is long (16-512), instead of along L, which in a U-
 deepest level is as short as 4 positions — most of a 16-lane vector left empty.
 
 The function is the same Conv1d (same weights, stride, padding, dilation); only the memory
-order of the tensors between layers changes. :func:`~diffalign.policy.compile_denoisers`
+order of the tensors between layers changes. :func:`~diffalign.compiled.compile_denoisers`
 applies it to a frozen copy of the network; eager training is slower on this layout (2
 cores, Hopper-sized U-Net: 1.3-1.5× the time per step), so the networks keep Conv1d.
 """
