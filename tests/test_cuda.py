@@ -103,3 +103,34 @@ def test_lora_alignment_step_on_cuda(task):
     r, _ = validation_reward(setup, net=net)
     assert math.isfinite(r)
     remove_lora(net)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compiled_denoiser_samples_as_the_eager_one(task, bf16):
+    """compile_denoisers on the device: in float32 the network's outputs agree with the eager
+    ones to float tolerance (2e-3, as the CPU-GPU test: cuDNN may use TF32) and the samples on
+    average (a rare coordinate moves further: the first DDPM steps divide the noise estimate
+    by sqrt(ᾱ_t), near 0, before the clip); in bfloat16 the samples stay within the bound of
+    tests/test_fast_paths.py; the state is in-painted exactly."""
+    from diffalign.compiled import compile_denoisers
+
+    torch.manual_seed(0)
+    model = build_model("diffuser", "ddpm", None, task.obs_dim, task.act_dim,
+                        process_kwargs={"default_steps": 5})
+    model = _fit(model, task.episodes, steps=5, bf16=False).eval()
+    fast = compile_denoisers(copy.deepcopy(model), bf16=bf16)
+    obs = condition_pool(task.episodes, model.spec.obs_history, 16, seed=0)
+    with torch.no_grad():
+        a = model.sample(obs, n=4, generator=torch.Generator().manual_seed(3)).x0
+        b = fast.sample(obs, n=4, generator=torch.Generator().manual_seed(3)).x0
+        cond, inpaint, _ = model.expanded_condition(obs.repeat_interleave(4, dim=0))
+        t = torch.rand(a.shape[0], generator=torch.Generator().manual_seed(5)).to(a.device)
+        out = (model.net(a, t, cond=cond), fast.net(a, t, cond=cond))
+    if bf16 and fast.net.bf16:
+        assert float((b - a).abs().mean()) <= 0.01
+    else:
+        torch.testing.assert_close(out[1], out[0], atol=2e-3, rtol=2e-3)
+        assert float((b - a).abs().mean()) <= 1e-4
+    if inpaint is not None:
+        mask = inpaint.mask.expand_as(b)
+        torch.testing.assert_close(b[mask], inpaint.value.expand_as(b)[mask], rtol=0, atol=0)
