@@ -242,6 +242,7 @@ def test_the_channels_last_form_samples_as_the_eager_model(monkeypatch):
 
 def test_the_work_threshold_picks_the_form():
     from diffalign.compiled import WIDE_WORK, CompiledDenoiser
+    from diffalign.nets.mlp import ResidualMLP
     from diffalign.nets.temporal_unet import TemporalUNet
 
     net = TemporalUNet(3, 16, dim=8, dim_mults=(1, 2))
@@ -249,3 +250,11 @@ def test_the_work_threshold_picks_the_form():
     cpu = CompiledDenoiser(net, torch.device("cpu"))  # compiles lazily: nothing runs here
     assert not cpu.uses_wide(rows - 1) and cpu.uses_wide(rows)
     assert not CompiledDenoiser(net, torch.device("cpu"), channels_last=False).uses_wide(rows)
+    assert (cpu.x_dim, cpu.horizon) == (3, 16)  # the network's attributes read through
+    with pytest.raises(AttributeError):
+        _ = cpu._no_such_thing
+    # a network without Conv1d has no channels-last form; bf16 then goes to the one form
+    mlp = CompiledDenoiser(ResidualMLP(3, 1), torch.device("cpu"), bf16=True)
+    assert mlp.wide is None and not mlp.uses_wide(10**9)
+    assert type(mlp.narrow._orig_mod).__name__ == "_Bf16"
+    assert type(cpu.narrow._orig_mod) is TemporalUNet

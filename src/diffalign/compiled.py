@@ -8,7 +8,8 @@ parameters, :data:`WIDE_WORK`):
 * ``narrow`` (one-candidate decisions of small networks): the network as it is, run from
   generated C++ (``cpp_wrapper``), which removes most of the per-operation overhead that
   dominates such calls; it reads the weights at each call;
-* ``wide`` (many candidates, or a large network): the Conv1d layers as channels-last Conv2d
+* ``wide`` (many candidates, or a large network; only for a network with Conv1d layers,
+  the U-Nets the forms were measured on): the Conv1d layers as channels-last Conv2d
   (:mod:`diffalign.nets.channels_last`) with the weights frozen into the graph as
   constants, so oneDNN runs its prepacked convolutions, optionally under bfloat16.
 
@@ -58,34 +59,39 @@ class CompiledDenoiser(nn.Module):
     is folded into a frozen copy first.
 
     ``channels_last``: give a CPU call the ``wide`` form when its work reaches
-    :data:`WIDE_WORK` (False: always the ``narrow`` form). ``bf16``: the wide form (on a GPU,
-    the one form) runs under bfloat16 autocast. Call without gradients."""
+    :data:`WIDE_WORK` (False: always the ``narrow`` form). ``bf16``: the wide form (where
+    there is none — a GPU, a network without Conv1d — the one form) runs under bfloat16
+    autocast. Call without gradients."""
 
     def __init__(self, net: nn.Module, device: torch.device, bf16: bool = False,
                  channels_last: bool = True) -> None:
         super().__init__()
         from .align.lora import is_lora, merged_copy
-        from .nets.channels_last import channels_last_convs
+        from .nets import count_parameters
+        from .nets.channels_last import channels_last_convs, supported
 
         net = merged_copy(net) if is_lora(net) else net
         self._net = [net]  # a list keeps it out of this module's children (narrow holds it)
-        self.params = sum(p.numel() for p in net.parameters())
+        self.params = count_parameters(net)
         """Parameter count of the network (the work per row)."""
         self.bf16 = bool(bf16)
-        """Whether the wide form (GPU: the one form) runs in bfloat16."""
+        """Whether the wide form (where there is none, the one form) runs in bfloat16."""
         cpu = device.type == "cpu"
-        options = {"freezing": True, "cpp_wrapper": True} if cpu else {}
-        narrow = _Bf16(net, device.type) if bf16 and not cpu else net
-        self.narrow = torch.compile(narrow, dynamic=False, options=options)
-        """The network compiled as it is."""
         self.wide = None
-        """The channels-last, frozen, compiled form (CPU with ``channels_last`` only)."""
-        if cpu and channels_last:
+        """The channels-last, frozen, compiled form: on a CPU with ``channels_last``, for a
+        network with Conv1d layers (the U-Nets; the forms were measured on those only)."""
+        if cpu and channels_last and any(supported(m) for m in net.modules()):
             wide = channels_last_convs(net)
             if bf16:
                 wide = _Bf16(wide, device.type)
             self.wide = torch.compile(wide, dynamic=False,
                                       options={"freezing": True, "cpp_wrapper": True})
+        # The narrow form keeps the options of the compiled path before the wide form
+        # existed; without Dynamo's prepare_freezing its "freezing" folds no weights.
+        options = {"freezing": True, "cpp_wrapper": True} if cpu else {}
+        narrow = _Bf16(net, device.type) if bf16 and self.wide is None else net
+        self.narrow = torch.compile(narrow, dynamic=False, options=options)
+        """The network compiled as it is."""
         limit = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
 
